@@ -1,0 +1,30 @@
+# Quickstart targets. Each creates the virtual environment (.venv) when missing and installs what it needs.
+#   make app    - the analysis app on the embedded demo run
+#   make test   - the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: app test install demo clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+app: $(STAMP)
+	$(BIN)/python -m streamlit run app/main.py
+
+# Rebuild the demo run shipped in assets/ (synthetic data, cpu profile).
+demo: $(STAMP)
+	$(BIN)/cmg demo --out assets/demo_run
+
+clean-venv:
+	rm -rf $(VENV)

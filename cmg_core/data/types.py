@@ -1,0 +1,221 @@
+"""The two data types every loader produces and every trainer consumes.
+
+* :class:`CaptionedDataset` - images (as file paths), their captions, class id/name and split.
+* :class:`AnomalyTask` - which classes are normal; gives the normal training images and the test set
+  (held-out normal images + every image of the anomaly classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    """One image with its captions.
+
+    `path` is an image file on disk (synthetic images are rendered to a cache folder first), so every
+    dataset is read the same way.
+    """
+
+    image_id: str
+    path: Path
+    captions: tuple[str, ...]
+    class_id: int
+    class_name: str
+    split: str = "train"
+
+
+@dataclass
+class CaptionedDataset:
+    """A list of captioned images plus the class names (index = class id)."""
+
+    name: str
+    items: list[CaptionedImage]
+    class_names: list[str]
+    root: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            raise DataError(f"dataset {self.name!r} (root={self.root}) contains no images")
+        n = len(self.class_names)
+        for it in self.items:
+            if not 0 <= it.class_id < n:
+                raise DataError(
+                    f"dataset {self.name!r}: image {it.image_id!r} has class id {it.class_id}, "
+                    f"expected 0..{n - 1}"
+                )
+            if not it.captions:
+                raise DataError(f"dataset {self.name!r}: image {it.image_id!r} ({it.path}) has no caption")
+
+    # --- list-like access -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> CaptionedImage:
+        return self.items[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int class ids."""
+        return np.array([it.class_id for it in self.items], dtype=np.int64)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [it.path for it in self.items]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_captions(self) -> int:
+        return sum(len(it.captions) for it in self.items)
+
+    def load_image(self, i: int, size: int | None = None):
+        """The i-th image as an RGB PIL image (optionally resized to size x size)."""
+        from .images import load_rgb
+
+        return load_rgb(self.items[i].path, size=size)
+
+    def class_id(self, name_or_id: str | int) -> int:
+        """Class id from a class name or id; raises DataError naming the valid choices."""
+        if isinstance(name_or_id, (int, np.integer)):
+            if not 0 <= int(name_or_id) < self.num_classes:
+                raise DataError(
+                    f"class id {name_or_id} is out of range for dataset {self.name!r} "
+                    f"(expected 0..{self.num_classes - 1})"
+                )
+            return int(name_or_id)
+        if name_or_id in self.class_names:
+            return self.class_names.index(name_or_id)
+        if isinstance(name_or_id, str) and name_or_id.isdigit():
+            return self.class_id(int(name_or_id))
+        raise DataError(
+            f"unknown class {name_or_id!r} for dataset {self.name!r}; expected one of {self.class_names}"
+        )
+
+    def summary(self) -> dict:
+        """Counts per class and split, for `cmg data show` and the app."""
+        per_class = np.bincount(self.labels, minlength=self.num_classes)
+        splits: dict[str, int] = {}
+        for it in self.items:
+            splits[it.split] = splits.get(it.split, 0) + 1
+        return {
+            "name": self.name,
+            "root": str(self.root) if self.root else None,
+            "images": len(self),
+            "classes": self.num_classes,
+            "captions": self.num_captions,
+            "splits": splits,
+            "images_per_class": {c: int(n) for c, n in zip(self.class_names, per_class)},
+        }
+
+
+@dataclass(frozen=True)
+class AnomalyTask:
+    """A one-class anomaly detection task built on a dataset.
+
+    Attributes
+    ----------
+    normal_classes: class ids treated as normal.
+    train_idx: (N_train,) dataset indices of the normal training images.
+    test_idx: (N_test,) dataset indices of the test images (held-out normal + all anomaly images).
+    test_is_anomaly: (N_test,) 1 for anomaly, 0 for normal.
+    """
+
+    dataset_name: str
+    normal_classes: tuple[int, ...]
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    test_is_anomaly: np.ndarray
+    seed: int = 0
+
+    def describe(self, dataset: CaptionedDataset) -> str:
+        names = [dataset.class_names[c] for c in self.normal_classes]
+        return (
+            f"normal classes {names}: {len(self.train_idx)} normal train images; test "
+            f"{int((self.test_is_anomaly == 0).sum())} normal + {int(self.test_is_anomaly.sum())} anomaly"
+        )
+
+
+def make_task(
+    dataset: CaptionedDataset,
+    normal_classes: Sequence[str | int] | None = None,
+    n_normal: int | None = None,
+    seed: int = 0,
+    holdout: float | str = 0.2,
+) -> AnomalyTask:
+    """Build an :class:`AnomalyTask`.
+
+    Either `normal_classes` (names or ids) or `n_normal` (that many classes drawn at random with `seed`).
+    Normal images are split into train and held-out test either by a seeded per-class fraction
+    (`holdout=0.2`, the default) or by the dataset's own split labels (`holdout="split"`: images marked
+    `test` are held out, `train`/`val` are training images). Every image of a non-normal class is a test
+    anomaly.
+    """
+    rng = np.random.default_rng(seed)
+    if normal_classes is not None and n_normal is not None:
+        raise DataError("give either normal_classes or n_normal, not both")
+    if normal_classes is not None:
+        normal = sorted({dataset.class_id(c) for c in normal_classes})
+        if not normal:
+            raise DataError("normal_classes is empty; expected at least one class")
+    elif n_normal is not None:
+        if not 1 <= n_normal < dataset.num_classes:
+            raise DataError(
+                f"the task asks for {n_normal} normal classes but dataset {dataset.name!r} has "
+                f"{dataset.num_classes} classes; expected 1..{dataset.num_classes - 1} "
+                "(at least one class must remain as anomaly)"
+            )
+        normal = sorted(rng.choice(dataset.num_classes, size=n_normal, replace=False).tolist())
+    else:
+        raise DataError("an anomaly task needs normal_classes or n_normal")
+    if len(normal) >= dataset.num_classes:
+        raise DataError(
+            f"all {dataset.num_classes} classes of {dataset.name!r} are normal; at least one must be an anomaly"
+        )
+
+    labels = dataset.labels
+    is_normal = np.isin(labels, normal)
+    train, held = [], []
+    for c in normal:
+        idx = np.flatnonzero(labels == c)
+        if holdout == "split":
+            splits = np.array([dataset.items[i].split for i in idx])
+            train.extend(idx[splits != "test"].tolist())
+            held.extend(idx[splits == "test"].tolist())
+        else:
+            frac = float(holdout)
+            if not 0.0 < frac < 1.0:
+                raise DataError(f"holdout={holdout!r}: expected a fraction in (0, 1) or 'split'")
+            perm = rng.permutation(idx)
+            n_held = max(1, int(round(frac * len(idx))))
+            if n_held >= len(idx):
+                raise DataError(
+                    f"class {dataset.class_names[c]!r} has {len(idx)} images: too few to hold out "
+                    f"{frac:.0%} for testing and still train"
+                )
+            held.extend(perm[:n_held].tolist())
+            train.extend(perm[n_held:].tolist())
+    anomalies = np.flatnonzero(~is_normal)
+    test_idx = np.concatenate([np.sort(held), anomalies]).astype(np.int64)
+    test_is_anomaly = np.concatenate([np.zeros(len(held)), np.ones(len(anomalies))]).astype(np.int64)
+    if len(train) == 0 or len(held) == 0:
+        raise DataError(f"task on {dataset.name!r} with normal classes {normal} has an empty train or test split")
+    return AnomalyTask(
+        dataset_name=dataset.name,
+        normal_classes=tuple(normal),
+        train_idx=np.sort(np.array(train, dtype=np.int64)),
+        test_idx=test_idx,
+        test_is_anomaly=test_is_anomaly,
+        seed=seed,
+    )

