@@ -1,0 +1,149 @@
+"""Anomaly scores from features: SSD-style (cluster-)Mahalanobis distance (paper Eq. 14).
+
+numpy in / numpy out.  Follows SSD (Sehwag et al., 2021): L2-normalise, z-score with the training
+mean/std, then score a test point by its smallest Mahalanobis distance to the Gaussians fitted on
+k-means clusters of the training features.  Higher score = more anomalous.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.covariance import EmpiricalCovariance, LedoitWolf
+
+from .errors import ConfigError, DataError
+
+__all__ = [
+    "COVARIANCES",
+    "l2_normalize",
+    "standardize",
+    "fit_gaussian",
+    "mahalanobis_sq",
+    "cluster_min_mahalanobis",
+    "ssd_scores",
+]
+
+COVARIANCES = ("pinv", "shrinkage", "empirical")
+EPS = 1e-10
+
+
+def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise DataError(f"{name} must be a 2-D (N, D) feature array, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        bad = int((~np.isfinite(a)).any(axis=1).sum())
+        raise DataError(f"{name} contains NaN or inf values ({bad} of {a.shape[0]} rows)")
+    return a
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x (N, D)`` divided by their L2 norm + 1e-10 (SSD's convention)."""
+    a = np.asarray(x, dtype=np.float64)
+    return a / (np.linalg.norm(a, axis=-1, keepdims=True) + EPS)
+
+
+def standardize(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """L2-normalise ``train (N, D)`` and every array in ``others (M_i, D)``, then z-score all of them
+    with the mean/std of the normalised TRAIN set: ``(x - mean) / (std + 1e-10)``, exactly as SSD.
+    Returns a tuple ``(train, *others)``."""
+    tr = l2_normalize(train)
+    mean = tr.mean(axis=0, keepdims=True)
+    std = tr.std(axis=0, keepdims=True)
+    return tuple((a - mean) / (std + EPS) for a in (tr, *(l2_normalize(o) for o in others)))
+
+
+def fit_gaussian(train: np.ndarray, covariance: str = "pinv") -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and precision ``(D, D)`` of ``train (N, D)``.
+
+    * ``pinv``: ``np.linalg.pinv`` of the biased covariance (``np.cov(bias=True)``), as SSD.
+    * ``shrinkage``: sklearn ``LedoitWolf`` precision.
+    * ``empirical``: sklearn ``EmpiricalCovariance`` precision (a pseudo-inverse as well).
+    A singular covariance (N <= D, duplicates) is fine: every option uses a pseudo-inverse.
+    """
+    x = _as_2d(train, "train")
+    if covariance not in COVARIANCES:
+        raise ConfigError(f"covariance={covariance!r} is unknown (expected one of {COVARIANCES})")
+    if x.shape[0] < 2:
+        raise ConfigError(f"a Gaussian needs at least N=2 training features, got N={x.shape[0]}")
+    mean = x.mean(axis=0)
+    if covariance == "pinv":
+        cov = np.atleast_2d(np.cov(x.T, bias=True))
+        precision = np.linalg.pinv(cov)
+    elif covariance == "shrinkage":
+        precision = LedoitWolf().fit(x).precision_
+    else:
+        precision = EmpiricalCovariance().fit(x).precision_
+    return mean, np.asarray(precision, dtype=np.float64)
+
+
+def mahalanobis_sq(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distances ``(x_m - mean)^T P (x_m - mean)`` of ``x (M, D)`` -> ``(M,)``."""
+    a = np.asarray(x, dtype=np.float64)
+    mu = np.asarray(mean, dtype=np.float64).reshape(-1)
+    p = np.asarray(precision, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != mu.shape[0] or p.shape != (mu.shape[0], mu.shape[0]):
+        raise ConfigError(f"expected x (M, D), mean (D,), precision (D, D); got {a.shape}, {mu.shape}, {p.shape}")
+    d = a - mu
+    return np.einsum("md,de,me->m", d, p, d)
+
+
+def cluster_min_mahalanobis(
+    train: np.ndarray,
+    test: np.ndarray,
+    n_clusters: int = 1,
+    covariance: str = "pinv",
+    seed: int = 0,
+) -> np.ndarray:
+    """Eq. 14 / SSD: k-means (sklearn ``KMeans``, ``n_init=10``) on ``train (N, D)``, one Gaussian per
+    cluster, score of ``test (M, D)`` = min over clusters of the squared Mahalanobis distance -> ``(M,)``.
+
+    ``n_clusters=1`` fits a single Gaussian without k-means.  Clusters with fewer than 2 members are
+    dropped with a warning (a Gaussian needs 2 points).
+    """
+    tr = _as_2d(train, "train")
+    te = _as_2d(test, "test")
+    if tr.shape[1] != te.shape[1]:
+        raise DataError(f"train has D={tr.shape[1]} features but test has D={te.shape[1]}")
+    k = int(n_clusters)
+    if k < 1 or k > tr.shape[0]:
+        raise ConfigError(f"n_clusters={n_clusters} must lie in 1..N, with N={tr.shape[0]} training features")
+    if k == 1:
+        labels = np.zeros(tr.shape[0], dtype=np.int64)
+    else:
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(tr)
+    ids, counts = np.unique(labels, return_counts=True)
+    small = ids[counts < 2]
+    if small.size:
+        warnings.warn(
+            f"SSD: dropping {small.size} of {ids.size} k-means clusters with fewer than 2 members "
+            f"(clusters {small.tolist()})",
+            stacklevel=2,
+        )
+    kept = ids[counts >= 2]
+    if kept.size == 0:
+        raise ConfigError(f"every one of the {ids.size} clusters has fewer than 2 members; lower n_clusters={n_clusters}")
+    dists = [mahalanobis_sq(te, *fit_gaussian(tr[labels == c], covariance)) for c in kept]
+    return np.min(np.stack(dists, axis=0), axis=0)
+
+
+def ssd_scores(
+    train_feats: np.ndarray,
+    test_feats: np.ndarray,
+    n_clusters: int = 1,
+    covariance: str = "pinv",
+    seed: int = 0,
+) -> np.ndarray:
+    """Anomaly scores ``(M,)`` of ``test_feats (M, D)`` given the normal ``train_feats (N, D)``:
+    :func:`standardize`, then :func:`cluster_min_mahalanobis`.  Higher = more anomalous; always finite
+    (inputs with NaN/inf raise a DataError naming the array)."""
+    tr = _as_2d(train_feats, "train_feats")
+    te = _as_2d(test_feats, "test_feats")
+    if tr.shape[1] != te.shape[1]:
+        raise DataError(f"train_feats has D={tr.shape[1]} features but test_feats has D={te.shape[1]}")
+    tr, te = standardize(tr, te)
+    scores = cluster_min_mahalanobis(tr, te, n_clusters=n_clusters, covariance=covariance, seed=seed)
+    if not np.all(np.isfinite(scores)):
+        raise DataError(f"SSD produced {int((~np.isfinite(scores)).sum())} non-finite scores; check the features")
+    return scores
