@@ -53,7 +53,6 @@ def test_counts_captions_files_and_splits(tmp_path):
     assert m["generator_version"] == syn.GENERATOR_VERSION
     assert m["object_boxes"].shape == (60, 4) and m["object_boxes"].dtype.kind == "i"
     assert len(m["object_colors"]) == 60 and set(m["object_colors"]) <= set(syn.PALETTE)
-    assert m["object_region_fraction"] is syn.object_region_fraction
 
 
 def test_default_split_is_80_10_10():
