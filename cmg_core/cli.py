@@ -46,6 +46,116 @@ def _cmd_data_show(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .config import load_config
+    from .pipeline import train_run
+
+    cfg = load_config(args.config, args.set)
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bars.clear()
+            bar = bars[stage] = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
+        bar.n = done
+        bar.refresh()
+
+    run_dir = train_run(cfg, progress=progress, overwrite=args.overwrite)
+    for bar in bars.values():
+        bar.close()
+    print(f"run folder: {run_dir}")
+    return _print_metrics(run_dir)
+
+
+def _print_metrics(run_dir) -> int:
+    from .runs import Run
+
+    metrics = Run.open(run_dir).metrics()
+    print(f"{'method':10s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}")
+    for m, v in metrics.items():
+        print(f"{m:10s} {v['auroc']:7.2f} {v['aupr']:7.2f} {v['fpr95']:7.2f}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    """Recompute the metrics of a finished run from its per-image scores."""
+    from .metrics import detection_metrics
+    from .runs import Run, write_json
+
+    run = Run.open(args.run)
+    scores = run.scores()
+    test = scores[scores.role == "test"]
+    metrics = {m: detection_metrics(test.is_anomaly.values, test[f"score_{m}"].values) for m in run.methods
+               if f"score_{m}" in test}
+    write_json(run.path / "metrics.json", metrics)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    return _print_metrics(run.path)
+
+
+def _cmd_explain(args) -> int:
+    from .predict import Predictor
+
+    pred = Predictor.load(args.run)
+    res = pred.explain(args.image)
+    probs = " ".join(f"{p:.3f}" for p in res["rid_probs"])
+    print(f"image        {args.image}")
+    print(f"RID choice   region {res['rid_choice']} of {len(res['rid_probs'])} masked (probabilities: {probs})")
+    for m in pred.methods:
+        flag = "ANOMALY" if res["scores"][m] > res["thresholds"][m] else "normal"
+        print(f"{m:10s}   score {res['scores'][m]:10.2f}   {res['percentiles'][m]:5.1f}th percentile of normal "
+              f"training scores   ({flag} at the 95th-percentile threshold {res['thresholds'][m]:.2f})")
+    if args.save:
+        res["masked_image"].save(args.save)
+        print(f"masked image written to {args.save}")
+    return 0
+
+
+def _compact_models(models_dir) -> None:
+    """Shrink a shipped run: drop E1 (not needed to score images) and store weights as float16."""
+    import torch
+
+    (models_dir / "e1.pt").unlink(missing_ok=True)
+
+    def half(obj):
+        if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+            return obj.half()
+        if isinstance(obj, dict):
+            return {k: half(v) for k, v in obj.items()}
+        return obj
+
+    for path in models_dir.glob("*.pt"):
+        state = torch.load(path, weights_only=False)
+        if isinstance(state, dict) and "detector" in state:
+            state["detector"] = {k: (v.astype("float32") if hasattr(v, "astype") and v.dtype == "float64" else v)
+                                 for k, v in state["detector"].items()}
+        torch.save(half(state), path)
+
+
+def _cmd_demo(args) -> int:
+    """Train the small demo run shipped in assets/ (synthetic data, cpu profile)."""
+    import shutil
+    from pathlib import Path
+
+    from .config import load_config
+    from .pipeline import train_run
+
+    out = Path(args.out)
+    cfg = load_config(args.config, [f"name={out.name}", f"out_dir={out.parent}", *args.set])
+    run_dir = train_run(cfg, overwrite=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # resumable state is not needed in a shipped demo
+    (run_dir / "checkpoints").mkdir()
+    _compact_models(run_dir / "models")
+    print(f"demo run written to {run_dir}")
+    return _print_metrics(run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data_show)
 
+    p = sub.add_parser("train", help="train a run (every method in train.methods) into out_dir/name")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. e2.epochs=10")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder of the same name")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="recompute and print the metrics of a run folder")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("explain", help="RID's mask choice and every method's score for one image")
+    p.add_argument("image")
+    p.add_argument("--run", required=True)
+    p.add_argument("--save", default=None, help="write the RID-masked image here (PNG)")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("demo", help="rebuild the demo run shipped in assets/")
+    p.add_argument("--out", default="assets/demo_run")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

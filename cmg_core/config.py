@@ -69,6 +69,8 @@ class CMERConfig:
     rid_hidden: tuple = (512, 256, 128)
     rid_epochs: int = 40
     rid_lr: float = 1e-3
+    rid_dropout: float = 0.5  # dropout after each hidden layer (RID overfits small training sets without it)
+    rid_weight_decay: float = 1e-2
     rid_batch_size: int = 128
     rid_val_fraction: float = 0.2
 
@@ -80,7 +82,7 @@ class CMLEConfig:
     n_neighbors: Optional[int] = 10  # LLE neighbours inside a cluster; null = all cluster members (paper)
     reg: float = 1e-3  # G_i += reg * trace(G_i) * I
     weight: float = 1.0  # lambda in L = L_SimCLR + lambda * L_global
-    bank_momentum: float = 0.0  # memory bank: 0 = overwrite with the latest embedding of each sample
+    normalize: bool = True  # L_global on L2-normalised h (the detector scores normalised features; stops h shrinking to 0)
 
 
 @dataclass(frozen=True)

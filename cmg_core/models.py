@@ -52,11 +52,15 @@ class RID(nn.Module):
     network can compare what was removed with the whole image.
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int] = (512, 256, 128), context: bool = True):
+    def __init__(self, in_dim: int, hidden: Sequence[int] = (512, 256, 128), context: bool = True,
+                 dropout: float = 0.5):
         super().__init__()
         self.context = context
-        self.net = nn.Sequential(mlp([in_dim * (2 if context else 1), *hidden], final_activation=True),
-                                 nn.Linear(hidden[-1], 1))
+        dims = [in_dim * (2 if context else 1), *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden[-1], 1))
 
     def forward(self, variants: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
         """variants (B, M, F), original (B, F) -> logits (B, M)."""

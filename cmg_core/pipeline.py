@@ -224,12 +224,11 @@ class Pipeline:
             er = USES_ER[method]
             clean = self.masked[torch.arange(n), torch.from_numpy(self.cmer_label[:n])] if er else self.orig[:n]
             objective = E2Objective(
-                lle_weights=self._lle_weights() if USES_LE[method] else None, lle_weight=cfg.cmle.weight,
+                lle_weights=self._lle_weights() if USES_LE[method] else None, lle_weight=cfg.cmle.weight, lle_normalize=cfg.cmle.normalize,
                 mse_targets=self.caption_mean[:n] if USES_MSE[method] else None, mse_weight=cfg.e2.mse_weight)
             ckpt = self.ckpt / f"e2_{slug}.pt"
             state = torch.load(ckpt, weights_only=False) if ckpt.is_file() else None
-            if state is None:
-                self.w.clear_history("e2", method)
+            self.w.clear_history("e2", method, after_epoch=int(state["epoch"]) if state else 0)
 
             def evaluate(head: E2Head) -> dict:  # plots only: never used to pick the model
                 if not cfg.train.eval_every_epoch:
@@ -262,7 +261,7 @@ class Pipeline:
             self.rid()
             results = {}
             for i, method in enumerate(self.cfg.train.methods):
-                self.progress(f"E2 ({method})", i, len(self.cfg.train.methods))
+                self.progress("methods", i, len(self.cfg.train.methods), method)
                 results[method] = self.train_method(method)
             write_csv(self.run_dir / "scores.csv", pd.DataFrame(
                 {"row": np.arange(len(self.rows)), "role": self.roles, "is_anomaly": self.is_anomaly,

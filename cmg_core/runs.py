@@ -98,13 +98,17 @@ class RunWriter:
         with open(self.path / "history.jsonl", "a") as fh:
             fh.write(json.dumps(record, default=_json_default) + "\n")
 
-    def clear_history(self, stage: str, method: str | None = None) -> None:
-        """Drop earlier records of a stage (a resumed stage rewrites them)."""
+    def clear_history(self, stage: str, method: str | None = None, after_epoch: int = 0) -> None:
+        """Drop records of a stage (and method) with epoch > after_epoch: a restarted or resumed stage
+        writes them again."""
         hist = self.path / "history.jsonl"
         if not hist.is_file():
             return
-        keep = [line for line in hist.read_text().splitlines()
-                if line.strip() and not (json.loads(line).get("stage") == stage and json.loads(line).get("method") == method)]
+
+        def drop(rec: dict) -> bool:
+            return rec.get("stage") == stage and rec.get("method") == method and rec.get("epoch", 0) > after_epoch
+
+        keep = [line for line in hist.read_text().splitlines() if line.strip() and not drop(json.loads(line))]
         with atomic_path(hist) as tmp:
             tmp.write_text("".join(k + "\n" for k in keep))
 

@@ -92,8 +92,8 @@ def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, va
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    rid = RID(masked.shape[-1], tuple(cfg.rid_hidden))
-    opt = torch.optim.AdamW(rid.parameters(), lr=cfg.rid_lr, weight_decay=1e-4)
+    rid = RID(masked.shape[-1], tuple(cfg.rid_hidden), dropout=cfg.rid_dropout)
+    opt = torch.optim.AdamW(rid.parameters(), lr=cfg.rid_lr, weight_decay=cfg.rid_weight_decay)
     tr = torch.nonzero(~val_mask).flatten()
     va = torch.nonzero(val_mask).flatten()
     for epoch in range(cfg.rid_epochs):
@@ -134,6 +134,7 @@ class E2Objective:
 
     lle_weights: sp.csr_matrix | None = None  # (N, N) LLE weights over the training images
     lle_weight: float = 1.0
+    lle_normalize: bool = True  # compute L_global on L2-normalised embeddings
     mse_targets: torch.Tensor | None = None  # (N, T) caption embeddings (mean per image)
     mse_weight: float = 1.0
 
@@ -196,6 +197,8 @@ def train_e2_head(views: torch.Tensor, clean: torch.Tensor, cfg: E2Config, model
             loss = loss_simclr
             if w_dense is not None:
                 h_all, _ = head(clean)
+                if objective.lle_normalize:
+                    h_all = F.normalize(h_all, dim=-1)
                 loss_global = lle_reconstruction_loss(h_all[idx], w_dense[idx], h_all)
                 loss = loss + objective.lle_weight * loss_global
                 sums["global"] += loss_global.item()
@@ -214,11 +217,11 @@ def train_e2_head(views: torch.Tensor, clean: torch.Tensor, cfg: E2Config, model
         head.eval()
         if evaluate is not None:
             rec.update(evaluate(head))
-        if on_epoch:
-            on_epoch(rec)
-        if on_checkpoint:
+        if on_checkpoint:  # checkpoint before reporting: a stop inside on_epoch loses no finished epoch
             on_checkpoint(epoch + 1, {"epoch": epoch + 1, "model": head.state_dict(), "optimizer": opt.state_dict(),
                                       "generator": gen.get_state()})
+        if on_epoch:
+            on_epoch(rec)
     head.eval()
     return head
 

@@ -1,0 +1,73 @@
+"""Analysis helpers for figures: 2-D embeddings of features (t-SNE / UMAP) and distance correlation.
+
+numpy in, numpy / pandas out.  Heavy libraries (sklearn.manifold, umap, dcor) are imported on use.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError, DataError
+
+__all__ = ["EMBED_METHODS", "embed_2d", "dcor_matrix"]
+
+EMBED_METHODS = ("tsne", "umap")
+
+
+def _features(X: np.ndarray, name: str = "X") -> np.ndarray:
+    a = np.asarray(X, dtype=np.float64)
+    if a.ndim != 2:
+        raise DataError(f"{name} must be a 2-D (N, D) array, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise DataError(f"{name} contains NaN or inf values ({int((~np.isfinite(a)).any(axis=1).sum())} rows)")
+    return a
+
+
+def embed_2d(X: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """``X (N, D)`` -> ``(N, 2)`` float64 coordinates with sklearn ``TSNE`` or ``umap.UMAP``.
+
+    t-SNE uses PCA initialisation and perplexity ``min(30, (N - 1) / 3)`` (sklearn requires
+    perplexity < N); UMAP uses ``n_neighbors = min(15, N - 1)``.  Both are seeded with `seed`.
+    """
+    if method not in EMBED_METHODS:
+        raise ConfigError(f"embedding method {method!r} is unknown; expected one of {list(EMBED_METHODS)}")
+    a = _features(X)
+    n = a.shape[0]
+    if n < 3:
+        raise DataError(f"a 2-D embedding needs at least 3 points, got {n}")
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
+        out = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(a)
+    else:
+        import umap
+
+        reducer = umap.UMAP(n_components=2, n_neighbors=int(min(15, n - 1)), random_state=seed)
+        out = reducer.fit_transform(a)
+    return np.asarray(out, dtype=np.float64)
+
+
+def dcor_matrix(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Pairwise distance correlation (``dcor.distance_correlation``) between named ``(N, D_i)`` arrays.
+
+    Rows are samples (all arrays need the same N; D may differ).  Returns a symmetric
+    ``len(arrays) x len(arrays)`` DataFrame indexed and labelled by the names, 1 on the diagonal.
+    """
+    import dcor
+
+    if len(arrays) < 1:
+        raise DataError("dcor_matrix needs at least one named array")
+    names = list(arrays)
+    mats = {k: _features(np.asarray(v).reshape(len(v), -1), k) for k, v in arrays.items()}
+    sizes = {k: m.shape[0] for k, m in mats.items()}
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"dcor_matrix needs the same number of samples in every array, got {sizes}")
+    if next(iter(sizes.values())) < 2:
+        raise DataError("dcor_matrix needs at least 2 samples")
+    out = np.eye(len(names))
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            v = float(dcor.distance_correlation(mats[names[i]], mats[names[j]]))
+            out[i, j] = out[j, i] = v
+    return pd.DataFrame(out, index=names, columns=names)

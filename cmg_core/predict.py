@@ -1,0 +1,106 @@
+"""Score new images with a finished run: RID picks the mask (no captions), E2 + detector give the score.
+
+    pred = Predictor.load("runs/my_run")
+    res = pred.explain(pil_image)   # variants, rid_probs, rid_choice, masked_image, scores, percentiles, thresholds
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.images import open_image
+from .detector import MahalanobisDetector
+from .errors import DataError
+from .features import Trunk, images_to_tensor, masked_variants, to_float
+from .models import RID, E2Head
+from .pipeline import USES_ER
+from .runs import Run, method_slug
+from .stages import e2_features, rid_predict
+from .utils import resolve_device
+
+
+def _to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0,1] -> PIL."""
+    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+class Predictor:
+    """A finished run's RID, E2 heads and detectors (cpu profile), ready to score images."""
+
+    def __init__(self, run: Run, trunk: Trunk, rid: RID, heads: dict[str, E2Head],
+                 detectors: dict[str, MahalanobisDetector], image_size: int, n_regions: int, mask: str,
+                 soft_value: float):
+        self.run, self.trunk, self.rid, self.heads, self.detectors = run, trunk, rid, heads, detectors
+        self.image_size, self.n_regions, self.mask, self.soft_value = image_size, n_regions, mask, soft_value
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.heads)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
+        run = Run.open(run_dir)
+        if run.status != "done":
+            raise DataError(f"run {run.path} is not finished (status: {run.status}); wait for it or pick another run")
+        cfg = run.config()
+        if cfg.model.profile != "cpu":
+            from .paper import PaperPredictor  # end-to-end models need their own loader
+
+            return PaperPredictor.load(run_dir, device=device)
+        dev = resolve_device(device)
+        trunk = Trunk.build(cfg.model.backbone, cfg.model.pretrained, dev, precision=cfg.model.trunk_precision,
+                            weights=cfg.model.backbone_weights, cifar_stem=cfg.model.cifar_stem)
+        models = run.path / "models"
+        rid = RID(trunk.feature_dim, tuple(cfg.cmer.rid_hidden))
+        rid.load_state_dict(torch.load(models / "rid.pt", weights_only=True))
+        heads, dets = {}, {}
+        for method in run.methods:
+            state = torch.load(models / f"{method_slug(method)}.pt", weights_only=False)
+            head = E2Head(state["in_dim"], cfg.model.head_hidden, cfg.model.embed_dim, state.get("text_dim"))
+            head.load_state_dict(state["model"])
+            heads[method] = head.eval()
+            dets[method] = MahalanobisDetector.from_state_dict(state["detector"])
+        return cls(run, trunk, rid.eval(), heads, dets, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
+                   cfg.cmer.soft_value)
+
+    def explain_many(self, images: list) -> list[dict]:
+        """PIL images, paths or file objects -> one result dict per image (see `explain`)."""
+        pils = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
+        x = to_float(images_to_tensor(pils, self.image_size))  # (B, 3, S, S)
+        variants = masked_variants(x, self.n_regions, self.mask, self.soft_value)  # (B, M, 3, S, S)
+        b, m = variants.shape[:2]
+        feats = self.trunk(torch.cat([x, variants.flatten(0, 1)]))
+        orig, masked = feats[:b], feats[b:].view(b, m, -1)
+        probs = rid_predict(self.rid, masked, orig).numpy()
+        choice = probs.argmax(1)
+        per_method = {}
+        for method, head in self.heads.items():
+            f = masked[torch.arange(b), torch.from_numpy(choice)] if USES_ER[method] else orig
+            det = self.detectors[method]
+            s = det.score(e2_features(head, f))
+            per_method[method] = (s, det.percentile(s), float(np.percentile(det.train_scores_, 95)))
+        out = []
+        for i in range(b):
+            out.append({
+                "variants": [_to_pil(v) for v in variants[i]],
+                "rid_probs": probs[i],
+                "rid_choice": int(choice[i]),
+                "masked_image": _to_pil(variants[i, choice[i]]),
+                "image": _to_pil(x[i]),
+                "scores": {k: float(v[0][i]) for k, v in per_method.items()},
+                "percentiles": {k: float(v[1][i]) for k, v in per_method.items()},
+                "thresholds": {k: v[2] for k, v in per_method.items()},
+            })
+        return out
+
+    def explain(self, image) -> dict:
+        return self.explain_many([image])[0]
+
+    def score(self, images: list, method: str = "cmg") -> np.ndarray:
+        """(N,) anomaly scores of `method` (higher = more anomalous)."""
+        if method not in self.heads:
+            raise DataError(f"run {self.run.path} has no method {method!r}; it has {self.methods}")
+        return np.array([r["scores"][method] for r in self.explain_many(images)])

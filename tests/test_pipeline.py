@@ -1,0 +1,121 @@
+"""End-to-end runs of the cpu profile on small synthetic sets."""
+import json
+
+import numpy as np
+import pytest
+
+from cmg_core.cli import main
+from cmg_core.config import load_config
+from cmg_core.data import load_dataset
+from cmg_core.data.synthetic import object_region_fraction
+from cmg_core.errors import ConfigError
+from cmg_core.pipeline import train_run
+from cmg_core.runs import RUN_FILES, Run
+
+SMALL = ["data.options={n_per_class: 40, classes: 5}", "task.normal_classes=[circle, square, triangle]",
+         "e1.epochs=25", "cmer.rid_epochs=30", "e2.epochs=3", "e2.n_views=2", "model.head_hidden=128"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={out}", "name=small", *SMALL])
+    return Run.open(train_run(cfg))
+
+
+def test_run_folder_is_complete(small_run):
+    for f in RUN_FILES:
+        assert (small_run.path / f).is_file(), f
+    assert small_run.status == "done"
+    images, scores, cmer = small_run.images(), small_run.scores(), small_run.cmer()
+    assert len(images) == len(scores) == len(cmer) == 200
+    assert (images.role == "train").sum() == 96  # 3 normal classes x 40 x 0.8
+    for m in small_run.methods:
+        s = scores[f"score_{m}"].values
+        assert np.isfinite(s).all()
+        emb = small_run.embeddings(m)
+        assert emb.shape[0] == 200 and np.isfinite(emb).all()
+        assert set(small_run.metrics()[m]) == {"auroc", "aupr", "fpr95"}
+    hist = small_run.history()
+    assert set(hist.stage) == {"e1", "rid", "e2"}
+    assert (hist[hist.stage == "e2"].groupby("method").epoch.max() == 3).all()
+
+
+def test_cmer_and_rid_find_background(small_run):
+    """CMER (with captions) and RID (without) mask background-only regions far more often than chance."""
+    cfg = small_run.config()
+    ds = load_dataset("synthetic", **cfg.data.options)
+    images, cmer = small_run.images(), small_run.cmer()
+    frac = object_region_fraction(ds.meta["object_boxes"][images["index"].values], cfg.data.image_size, 2)
+    background = frac <= 0
+    rows = np.arange(len(images))
+    train = (images.role == "train").values
+    chance = background[train].mean()
+    cmer_hits = background[rows, cmer.cmer_label.values][train].mean()
+    rid_hits_test = background[rows, cmer.rid_choice.values][~train].mean()
+    assert cmer_hits > chance + 0.25, (cmer_hits, chance)
+    assert rid_hits_test > background[~train].mean() + 0.1, rid_hits_test  # held-out images, no captions
+    rid = small_run.history().query("stage == 'rid'")
+    assert rid.val_acc.iloc[-1] > 1 / 4 + 0.15, rid.val_acc.iloc[-1]  # well above chance 1/M
+
+
+def test_explain_and_cli(small_run, capsys, tmp_path):
+    img = small_run.images().path.iloc[-1]
+    assert main(["explain", img, "--run", str(small_run.path), "--save", str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "RID choice" in out and "cmg" in out and "percentile" in out
+    assert (tmp_path / "m.png").is_file()
+    assert main(["evaluate", str(small_run.path), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    stored = small_run.metrics()
+    assert metrics.keys() == stored.keys()
+    for m in metrics:
+        assert metrics[m] == pytest.approx(stored[m])
+
+
+def test_resume_after_interruption(tmp_path):
+    overrides = [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd, cmg]"]
+    cfg = load_config("configs/synthetic.yaml", overrides)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(stage, done, total):
+        if stage == "E2 (cmg)" and done == 2:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train_run(cfg, progress=interrupt)
+    run = Run.open(tmp_path / "r")
+    assert run.status == "failed"
+    e1_mtime = (run.path / "models" / "e1.pt").stat().st_mtime
+    ssd_mtime = (run.path / "models" / "ssd.pt").stat().st_mtime
+    assert (run.path / "models" / "ssd.pt").is_file() and not (run.path / "models" / "cmg.pt").exists()
+    seen = []
+    train_run(cfg, progress=lambda s, d, t: seen.append((s, d)))
+    run = Run.open(tmp_path / "r")
+    assert run.status == "done"
+    assert (run.path / "models" / "e1.pt").stat().st_mtime == e1_mtime  # E1 not retrained
+    assert (run.path / "models" / "ssd.pt").stat().st_mtime == ssd_mtime  # finished method not retrained
+    assert [d for s, d in seen if s == "E2 (cmg)"] == [3]  # resumed after epoch 2
+    e2 = run.history().query("stage == 'e2'")
+    assert sorted(e2[e2.method == "cmg"].epoch) == [1, 2, 3]  # no duplicated epochs
+
+
+def test_changed_config_in_same_folder_is_refused(tmp_path):
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=x"])
+    (tmp_path / "x").mkdir()
+    other = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=x", "e2.epochs=2"])
+    from cmg_core.config import save_config
+
+    save_config(other, tmp_path / "x" / "config.yaml")
+    with pytest.raises(ConfigError, match="different config"):
+        train_run(cfg)
+
+
+def test_too_many_gmm_clusters(tmp_path):
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=k", "data.options={n_per_class: 5, classes: 3}",
+                                                 "task.normal_classes=[circle]", "cmle.n_clusters=10", "e1.epochs=1",
+                                                 "cmer.rid_epochs=1", "e2.epochs=1", "e2.n_views=1", "train.methods=[cmg]"])
+    with pytest.raises(ConfigError, match="n_clusters=10"):
+        train_run(cfg)
