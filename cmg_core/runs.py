@@ -168,6 +168,25 @@ class Run:
     def images(self) -> pd.DataFrame:
         return self._csv("images.csv")
 
+    def image_paths(self) -> list[str]:
+        """Image file of each row. When the recorded files are gone (a run copied to another machine, e.g. the
+        shipped demo), the dataset is loaded again from the run's config - the synthetic set regenerates
+        deterministically - and rows are matched by image_id."""
+        df = self.images()
+        paths = df.path.astype(str).tolist()
+        if all(Path(p).is_file() for p in paths):
+            return paths
+        from .data import load_dataset
+
+        cfg = self.config()
+        ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+        by_id = {it.image_id: str(it.path) for it in ds.items}
+        missing = [i for i in df.image_id if i not in by_id]
+        if missing:
+            raise DataError(f"run {self.path}: {len(missing)} images (e.g. {missing[:3]}) are not in dataset "
+                            f"{cfg.data.name!r} any more")
+        return [by_id[i] for i in df.image_id]
+
     def cmer(self) -> pd.DataFrame:
         return self._csv("cmer.csv")
 
