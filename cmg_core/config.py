@@ -101,7 +101,7 @@ class E2Config:
 @dataclass(frozen=True)
 class DetectorConfig:
     n_clusters: int = 1  # k-means clusters for the min-Mahalanobis score (Eq.14)
-    covariance: str = "pinv"  # pinv | shrinkage | empirical
+    covariance: str = "auto"  # auto (shrinkage when N <= 2 D, else pinv) | pinv | shrinkage | empirical
     features: str = "backbone"  # E2 features scored: backbone (penultimate) | projection
 
 
@@ -156,8 +156,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"cmle.n_clusters={cfg.cmle.n_clusters}; expected >= 1")
     if cfg.cmle.n_neighbors is not None and cfg.cmle.n_neighbors < 1:
         raise ConfigError(f"cmle.n_neighbors={cfg.cmle.n_neighbors}; expected >= 1 or null (all cluster members)")
-    if cfg.detector.covariance not in ("pinv", "shrinkage", "empirical"):
-        raise ConfigError(f"detector.covariance={cfg.detector.covariance!r}; expected pinv, shrinkage or empirical")
+    if cfg.detector.covariance not in ("auto", "pinv", "shrinkage", "empirical"):
+        raise ConfigError(f"detector.covariance={cfg.detector.covariance!r}; expected auto, pinv, shrinkage or empirical")
     if cfg.detector.features not in ("backbone", "projection"):
         raise ConfigError(f"detector.features={cfg.detector.features!r}; expected backbone or projection")
     if cfg.detector.n_clusters < 1:

@@ -15,14 +15,25 @@ from .errors import ConfigError, DataError
 from .scoring import EPS, fit_gaussian, l2_normalize, mahalanobis_sq
 
 
+def resolve_covariance(covariance: str, n: int, d: int) -> str:
+    """`auto`: Ledoit-Wolf shrinkage when n <= 2 d, else the pseudo-inverse (SSD).
+
+    With n <= d the pinv estimate puts every training point at the same distance (n - 1), so the training
+    scores carry no information and test scores ignore every direction outside the training span.
+    """
+    if covariance != "auto":
+        return covariance
+    return "shrinkage" if n <= 2 * d else "pinv"
+
+
 class MahalanobisDetector:
-    """Parameters: n_clusters (k-means clusters, default 1), covariance (pinv | shrinkage | empirical), seed.
+    """Parameters: n_clusters (k-means clusters, default 1), covariance (auto | pinv | shrinkage | empirical), seed.
 
     Fitted attributes: mean_, std_ (standardisation of L2-normalised train features), means_ (K, D),
     precisions_ (K, D, D), train_scores_ (N,) scores of the training features themselves.
     """
 
-    def __init__(self, n_clusters: int = 1, covariance: str = "pinv", seed: int = 0):
+    def __init__(self, n_clusters: int = 1, covariance: str = "auto", seed: int = 0):
         self.n_clusters = n_clusters
         self.covariance = covariance
         self.seed = seed
@@ -54,7 +65,8 @@ class MahalanobisDetector:
         kept = ids[counts >= 2]
         if not len(kept):
             raise ConfigError(f"every k-means cluster has < 2 members; lower detector.n_clusters={self.n_clusters}")
-        gaussians = [fit_gaussian(z[labels == c], self.covariance) for c in kept]
+        gaussians = [fit_gaussian(z[labels == c], resolve_covariance(self.covariance, *z[labels == c].shape))
+                     for c in kept]
         self.means_ = np.stack([g[0] for g in gaussians])
         self.precisions_ = np.stack([g[1] for g in gaussians])
         self.train_scores_ = self.score(x)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from cmg_core.detector import MahalanobisDetector, resolve_covariance
+from cmg_core.errors import ConfigError, DataError
+from cmg_core.scoring import cluster_min_mahalanobis, standardize
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_detector_matches_one_shot_scoring(k):
+    rng = np.random.default_rng(0)
+    train = np.concatenate([rng.normal(c, 1, (60, 5)) for c in (0, 4, 8)])
+    test = rng.normal(2, 3, (20, 5))
+    det = MahalanobisDetector(n_clusters=k, covariance="pinv", seed=0).fit(train)
+    tr, te = standardize(train, test)
+    ref = cluster_min_mahalanobis(tr, te, n_clusters=k, covariance="pinv", seed=0)
+    np.testing.assert_allclose(det.score(test), ref, rtol=1e-8)
+    again = MahalanobisDetector.from_state_dict(det.state_dict())
+    np.testing.assert_allclose(again.score(test), ref, rtol=1e-8)
+
+
+def test_auto_covariance_keeps_training_scores_informative():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(40, 64))  # N < D: pinv puts every training point at distance N - 1
+    pinv = MahalanobisDetector(covariance="pinv").fit(train)
+    assert np.allclose(pinv.train_scores_, 39, rtol=1e-6)
+    auto = MahalanobisDetector(covariance="auto").fit(train)
+    assert resolve_covariance("auto", 40, 64) == "shrinkage" and resolve_covariance("auto", 500, 64) == "pinv"
+    assert auto.train_scores_.std() > 0.02 * auto.train_scores_.mean()  # pinv: std ~ 1e-12
+    far = auto.score(train[:5] * 4)
+    assert (far > auto.train_scores_.max()).all() and (auto.percentile(far) == 100).all()
+
+
+def test_detector_errors():
+    with pytest.raises(ConfigError, match="before fit"):
+        MahalanobisDetector().score(np.zeros((2, 3)))
+    with pytest.raises(DataError, match="NaN"):
+        MahalanobisDetector().fit(np.array([[0.0, np.nan], [1.0, 2.0], [3.0, 1.0]]))
+    with pytest.raises(ConfigError, match="n_clusters"):
+        MahalanobisDetector(n_clusters=10).fit(np.random.default_rng(0).normal(size=(5, 3)))
+    det = MahalanobisDetector().fit(np.random.default_rng(0).normal(size=(30, 3)))
+    with pytest.raises(DataError, match="expects"):
+        det.score(np.zeros((2, 4)))
+    # a singular covariance (duplicated columns) still scores finitely
+    x = np.random.default_rng(2).normal(size=(50, 2))
+    sing = MahalanobisDetector(covariance="pinv").fit(np.c_[x, x])
+    assert np.isfinite(sing.score(np.c_[x, x] + 1)).all()
