@@ -138,6 +138,15 @@ def _compact_models(models_dir) -> None:
         torch.save(half(state), path)
 
 
+def _cmd_experiment(args) -> int:
+    from .config import load_config
+    from .experiment import run_experiment
+
+    cfg = load_config(args.config, args.set)
+    run_experiment(cfg, analyses=not args.no_analyses)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """Train the small demo run shipped in assets/ (synthetic data, cpu profile)."""
     import shutil
@@ -188,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--save", default=None, help="write the RID-masked image here (PNG)")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("experiment", help="the paper's protocol: one task per seed, every method, mean +- 95% CI")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-analyses", action="store_true", help="skip the analysis-figure data")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("demo", help="rebuild the demo run shipped in assets/")
     p.add_argument("--out", default="assets/demo_run")

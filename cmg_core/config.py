@@ -117,6 +117,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ExperimentConfig:
+    task_seeds: tuple = (0, 1, 2, 3, 4)  # one anomaly task per seed (task.seed)
+    out_dir: str = "experiments"
+    mask_ablation: bool = True  # Fig.9: one more cmg run per task with the other mask type (hard <-> soft)
+    latent_seed_index: int = 0  # which task's embeddings get the Fig.6 t-SNE/UMAP
+    dcor_samples: int = 200  # images used for the Fig.5 distance correlations
+    dcor_pixels: int = 32  # images are downsampled to this size before flattening
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
@@ -129,6 +139,7 @@ class RunConfig:
     e2: E2Config = field(default_factory=E2Config)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def __post_init__(self) -> None:
         validate(self)

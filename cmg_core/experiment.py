@@ -1,0 +1,116 @@
+"""`cmg experiment`: the paper's protocol (one task per seed, every method), mean +- 95% CI over tasks, and the
+data behind each analysis figure. Finished tasks are reused, so an interrupted experiment resumes.
+
+Output (`<experiment.out_dir>/<name>/`): config.yaml, task_seed<k>/ run folders (+ task_seed<k>_mask_<m>/ for
+Fig.9), results.csv (per task and method), summary.csv, results.md, analysis/*.json. Every task's run folder
+also gets analysis/experiment.json (the whole table) so the app can show confidence intervals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import RunConfig, load_config, save_config, to_dict
+from .errors import ConfigError
+from .metrics import mean_ci
+from .pipeline import train_run
+from .runs import Run, write_csv, write_json
+
+METRICS = ("auroc", "aupr", "fpr95")
+Progress = Callable[[str, int, int], None]
+
+
+def task_config(cfg: RunConfig, exp_dir: Path, seed: int, mask: str | None = None) -> RunConfig:
+    """The run config of one task of the experiment (and, with `mask`, of its Fig.9 mask-type run)."""
+    name = f"task_seed{seed}" + (f"_mask_{mask}" if mask else "")
+    changes = {"name": name, "out_dir": str(exp_dir), "task": dataclasses.replace(cfg.task, seed=seed)}
+    if mask:
+        changes["cmer"] = dataclasses.replace(cfg.cmer, mask=mask)
+        changes["train"] = dataclasses.replace(cfg.train, methods=("cmg",))
+    return dataclasses.replace(cfg, **changes)
+
+
+def _train_or_reuse(cfg: RunConfig, progress: Progress | None, log: Callable[[str], None]) -> Run:
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if (run_dir / "run.json").is_file() and Run.open(run_dir).status == "done":
+        log(f"{cfg.name}: finished earlier, reused")
+        return Run.open(run_dir)
+    t0 = time.time()
+    train_run(cfg, progress=progress)
+    log(f"{cfg.name}: trained in {time.time() - t0:.0f} s")
+    return Run.open(run_dir)
+
+
+def summarize(per_task: pd.DataFrame) -> pd.DataFrame:
+    """Per method and metric: mean and 95% CI half-width over tasks (t distribution)."""
+    rows = []
+    for method, g in per_task.groupby("method", sort=False):
+        row = {"method": method, "tasks": len(g)}
+        for m in METRICS:
+            mean, hw = mean_ci(g[m].values)
+            row[m], row[f"{m}_ci95"] = mean, hw
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    lines = ["| method | AUROC | AUPR | FPR95 | tasks |", "|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        cells = [f"{r[m]:.2f} ± {r[m + '_ci95']:.2f}" for m in METRICS]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['tasks']} |")
+    return "\n".join(lines)
+
+
+def _check_experiment_config(exp_dir: Path, cfg: RunConfig) -> None:
+    old = exp_dir / "config.yaml"
+    if old.is_file():
+        a, b = to_dict(load_config(old)), to_dict(cfg)
+        a["experiment"].pop("out_dir", None), b["experiment"].pop("out_dir", None)
+        if a != b:
+            raise ConfigError(f"experiment folder {exp_dir} holds an experiment with a different config; "
+                              "choose another name (--set name=...) or remove the folder")
+
+
+def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callable[[str], None] = print,
+                   analyses: bool = True) -> Path:
+    """Train (or reuse) every task, write the results table and the analysis data; returns the folder."""
+    exp_dir = Path(cfg.experiment.out_dir) / cfg.name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    _check_experiment_config(exp_dir, cfg)
+    save_config(cfg, exp_dir / "config.yaml")
+    t0 = time.time()
+    rows, runs, mask_runs = [], {}, {}
+    for seed in cfg.experiment.task_seeds:
+        run = _train_or_reuse(task_config(cfg, exp_dir, seed), progress, log)
+        runs[seed] = run
+        for method, met in run.metrics().items():
+            rows.append({"seed": seed, "method": method, **{m: met[m] for m in METRICS}})
+        if cfg.experiment.mask_ablation:
+            other = "soft" if cfg.cmer.mask == "hard" else "hard"
+            mask_runs[seed] = _train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)
+    per_task = pd.DataFrame(rows)
+    summary = summarize(per_task)
+    write_csv(exp_dir / "results.csv", per_task)
+    write_csv(exp_dir / "summary.csv", summary)
+    wall = time.time() - t0
+    (exp_dir / "results.md").write_text(
+        f"# {cfg.name}: {len(runs)} tasks ({cfg.data.name}, profile {cfg.model.profile})\n\n"
+        f"Mean ± 95% CI (t distribution) over tasks with seeds {list(cfg.experiment.task_seeds)}; final-epoch "
+        f"models only.\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
+        "(tasks finished earlier are reused, not retrained).\n")
+    table = {"per_task": per_task.to_dict("records"), "summary": summary.to_dict("records")}
+    if analyses:
+        from .figures import write_analyses
+
+        write_analyses(cfg, exp_dir, runs, mask_runs, per_task, log=log)
+    for run in runs.values():
+        write_json(run.path / "analysis" / "experiment.json", table)
+    write_json(exp_dir / "analysis" / "experiment.json", table)
+    log(markdown_table(summary))
+    log(f"experiment folder: {exp_dir} ({wall:.0f} s)")
+    return exp_dir
