@@ -48,11 +48,15 @@ def embed_2d(X: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def dcor_matrix(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+def dcor_matrix(arrays: dict[str, np.ndarray], bias_corrected: bool = False) -> pd.DataFrame:
     """Pairwise distance correlation (``dcor.distance_correlation``) between named ``(N, D_i)`` arrays.
 
     Rows are samples (all arrays need the same N; D may differ).  Returns a symmetric
     ``len(arrays) x len(arrays)`` DataFrame indexed and labelled by the names, 1 on the diagonal.
+
+    ``bias_corrected=True`` uses the bias-corrected squared statistic ``dcor.u_distance_correlation_sqr``
+    instead (it can be slightly negative): plain dCor tends to 1 for ANY pair of high-dimensional vectors
+    when N is small (Szekely & Rizzo 2013), e.g. flattened pixels vs. white noise.
     """
     import dcor
 
@@ -68,6 +72,7 @@ def dcor_matrix(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
     out = np.eye(len(names))
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
-            v = float(dcor.distance_correlation(mats[names[i]], mats[names[j]]))
+            fn = dcor.u_distance_correlation_sqr if bias_corrected else dcor.distance_correlation
+            v = float(fn(mats[names[i]], mats[names[j]]))
             out[i, j] = out[j, i] = v
     return pd.DataFrame(out, index=names, columns=names)

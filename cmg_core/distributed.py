@@ -15,6 +15,7 @@ gains nothing from several GPUs. Under torchrun, run it on rank 0 only with :fun
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -59,7 +60,8 @@ def init_distributed(backend: str | None = None) -> DistInfo:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        # rank 0 alone runs CMER, RID and the per-epoch evaluation while the others wait in a collective
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
         created = True
     elif torch.cuda.is_available() and dist.get_backend() == "nccl":
         torch.cuda.set_device(local_rank)
