@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import CMGError
@@ -68,6 +69,8 @@ def _cmd_train(args) -> int:
     run_dir = train_run(cfg, progress=progress, overwrite=args.overwrite)
     for bar in bars.values():
         bar.close()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     print(f"run folder: {run_dir}")
     return _print_metrics(run_dir)
 

@@ -90,9 +90,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup(info: DistInfo | None = None) -> None:
-    """Leave the process group; with `info`, only when init_distributed() created it."""
+def cleanup(info: DistInfo | None = None, wait: bool = True) -> None:
+    """Leave the process group; with `info`, only when init_distributed() created it.
+
+    `wait` first meets the other ranks at a barrier, so no rank tears its connections down while another
+    still uses them (gloo aborts otherwise). Pass wait=False after an error on this rank: the others may be
+    blocked in another collective, and torchrun stops them once this process exits.
+    """
     if dist.is_available() and dist.is_initialized() and (info is None or info.initialized_here):
+        import gc
+
+        gc.collect()  # free DDP reducers that still hold the group
+        if wait and is_distributed():
+            dist.barrier()
         dist.destroy_process_group()
 
 

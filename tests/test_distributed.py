@@ -1,0 +1,140 @@
+"""Multi-process training (cmg_core.distributed + the paper profile under torchrun, gloo backend on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmg_core import distributed as D
+from cmg_core.runs import RUN_FILES, Run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.options={n_per_class: 10, classes: 4}", "data.image_size=32", "model.cifar_stem=false",
+        "task.normal_classes=[circle, square]", "e1.epochs=1", "e1.batch_size=16", "cmer.rid_epochs=3",
+        "cmle.n_clusters=2", "cmle.n_neighbors=3", "e2.epochs=2", "e2.batch_size=16",
+        "train.methods=[ssd, cmg]", "train.device=cpu", "train.eval_every_epoch=false"]
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", CMG_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = D.init_distributed()
+    assert info.world_size == 1 and not info.distributed and D.is_main() and D.get_world_size() == 1
+    x = torch.randn(3, 2)
+    g, off = D.all_gather_rows(x, keep_grad=True)
+    assert g is x and off == 0
+    assert D.broadcast_object({"a": 1}) == {"a": 1} and D.all_gather_object(5) == [5]
+    assert D.run_on_main(lambda a, b: a + b, 2, b=3) == 5
+    D.barrier()
+    D.cleanup(info)
+
+
+GRAD_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from cmg_core import distributed as D
+    from cmg_core.losses import nt_xent_loss
+    from cmg_core.paper import nt_xent_ids
+
+    info = D.init_distributed()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    x1, x2 = torch.randn(8, 6), torch.randn(8, 6)
+    if info.world_size == 1:  # reference: the whole batch in one process
+        nt_xent_loss(model(x1), model(x2), 0.5).backward()
+    else:  # each rank holds 4 rows; loss over the gathered batch, scaled by world_size (paper.py)
+        ddp = DDP(model)
+        rows = slice(4 * info.rank, 4 * info.rank + 4)
+        z1, z2 = ddp(torch.cat([x1[rows], x2[rows]])).split(4)
+        g1, _ = D.all_gather_rows(z1, keep_grad=True)
+        g2, _ = D.all_gather_rows(z2, keep_grad=True)
+        ids, _ = D.all_gather_rows(torch.arange(8)[rows])
+        (nt_xent_ids(g1, g2, ids, 0.5) * info.world_size).backward()
+        del ddp
+    if D.is_main():
+        torch.save(model.weight.grad, sys.argv[1])
+    D.cleanup(info)
+""")
+
+
+def test_gathered_contrastive_loss_gives_the_full_batch_gradient(tmp_path):
+    script = tmp_path / "grad.py"
+    script.write_text(GRAD_SCRIPT)
+    env = _env(tmp_path)
+    ref, ddp = tmp_path / "ref.pt", tmp_path / "ddp.pt"
+    for cmd, out in (([str(script)], ref),
+                     (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)], ddp)):
+        proc = subprocess.run([sys.executable, *cmd, str(out)], env=env, timeout=90, cwd=REPO, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = torch.load(ref), torch.load(ddp)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from cmg_core.config import load_config
+    from cmg_core.paper import train_paper_run
+
+    cfg = load_config("configs/synthetic_paper.yaml", json.loads(sys.argv[1]))
+    out = train_paper_run(cfg)
+    print(f"rank {os.environ['RANK']} finished {out}", flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    script = tmp / "train.py"
+    script.write_text(RUN_SCRIPT)
+    overrides = [f"out_dir={tmp / 'runs'}", "name=ddp", *TINY]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script), json.dumps(overrides)], env=_env(tmp), cwd=REPO, capture_output=True,
+                          text=True, timeout=170)
+    return proc, tmp / "runs" / "ddp"
+
+
+def test_torchrun_trains_and_only_rank0_writes(torchrun_run):
+    proc, run_dir = torchrun_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 finished" in proc.stdout and "rank 1 finished" in proc.stdout
+    run = Run.open(run_dir)
+    assert run.status == "done" and run.info["world_size"] == 2
+    for f in RUN_FILES:
+        assert (run_dir / f).is_file(), f
+    for m in run.methods:
+        assert run.embeddings(m).shape[0] == len(run.images())
+    log = (run_dir / "log.txt").read_text()
+    assert log.count(" task: ") == 1 and log.count(" done in ") == 1  # one writer
+    hist = run.history()
+    keys = list(zip(hist.stage, hist.method.fillna(""), hist.epoch))
+    assert len(keys) == len(set(keys))
+    assert sorted(hist[hist.stage == "e2"].groupby("method").epoch.max().tolist()) == [2, 2]
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == sorted(
+        ["checkpoints", "embeddings", "models", "log.txt", "progress.json", *RUN_FILES])
+
+
+def test_ranks_get_disjoint_shards(torchrun_run):
+    proc, run_dir = torchrun_run
+    assert proc.returncode == 0
+    log = (run_dir / "log.txt").read_text()
+    n_train = int((Run.open(run_dir).images().role == "train").sum())
+    found = re.findall(r"shards (e1|e2 \S+) epoch 1: (\{.*\})", log)
+    assert {s for s, _ in found} == {"e1", "e2 ssd", "e2 cmg"}
+    for _, blob in found:
+        shards = json.loads(blob)
+        a, b = set(shards["0"]), set(shards["1"])
+        assert len(a) == len(b) == n_train // 2 and not a & b and a | b == set(range(n_train))
