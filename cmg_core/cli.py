@@ -164,6 +164,10 @@ def _cmd_demo(args) -> int:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # resumable state is not needed in a shipped demo
     (run_dir / "checkpoints").mkdir()
     _compact_models(run_dir / "models")
+    from .figures import write_run_analyses
+    from .runs import Run
+
+    write_run_analyses(Run.open(run_dir), cfg)  # the app's dcor and latent pages open instantly on the demo
     print(f"demo run written to {run_dir}")
     return _print_metrics(run_dir)
 

@@ -95,6 +95,25 @@ def history_curves(runs: dict[int, Run], stage: str, columns: list[str], methods
     return rows
 
 
+def write_run_analyses(run: Run, cfg: RunConfig) -> tuple[dict, dict]:
+    """Fig.5 (pixel dcor on a seeded sample of the run's images) and Fig.6 (latent maps) into the run's own
+    analysis/ folder, where the app reads them. Returns (dcor, latent)."""
+    images, cmer = run.images(), run.cmer()
+    rng = np.random.default_rng(cfg.train.seed)
+    pick = np.sort(rng.choice(len(images), size=min(cfg.experiment.dcor_samples, len(images)), replace=False))
+    all_paths = run.image_paths()
+    x = to_float(images_to_tensor([all_paths[i] for i in pick], cfg.data.image_size))
+    variants = masked_variants(x, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value)
+    chosen = variants[torch.arange(len(pick)), torch.from_numpy(cmer.cmer_label.values[pick])]
+    small = cfg.experiment.dcor_pixels
+    down = lambda t: torch.nn.functional.interpolate(t, size=(small, small), mode="area")  # noqa: E731
+    dc = pixel_dcor(down(x), down(chosen), seed=cfg.train.seed)
+    write_json(run.path / "analysis" / "dcor.json", dc)
+    lat = latent_maps(run, seed=cfg.train.seed)
+    write_json(run.path / "analysis" / "latent.json", lat)
+    return dc, lat
+
+
 def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_runs: dict[int, Run],
                    per_task: pd.DataFrame, log: Callable[[str], None] = print) -> None:
     out = exp_dir / "analysis"
@@ -112,25 +131,10 @@ def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_run
     write_json(out / "fig1.json", modality_structure(orig, text, ds.labels, seed=cfg.train.seed))
     log("analysis: fig1 (modality structure) written")
 
-    # Fig.5 on a seeded sample of the latent task's images
-    images, cmer = latent_run.images(), latent_run.cmer()
-    rng = np.random.default_rng(cfg.train.seed)
-    pick = np.sort(rng.choice(len(images), size=min(cfg.experiment.dcor_samples, len(images)), replace=False))
-    paths = [latent_run.image_paths()[i] for i in pick]
-    x = to_float(images_to_tensor(paths, cfg.data.image_size))
-    variants = masked_variants(x, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value)
-    chosen = variants[torch.arange(len(pick)), torch.from_numpy(cmer.cmer_label.values[pick])]
-    small = cfg.experiment.dcor_pixels
-    down = lambda t: torch.nn.functional.interpolate(t, size=(small, small), mode="area")  # noqa: E731
-    dc = pixel_dcor(down(x), down(chosen), seed=cfg.train.seed)
+    dc, lat = write_run_analyses(latent_run, cfg)
     write_json(out / "fig5.json", dc)
-    write_json(latent_run.path / "analysis" / "dcor.json", dc)
-    log("analysis: fig5 (distance correlation) written")
-
-    lat = latent_maps(latent_run, seed=cfg.train.seed)
     write_json(out / "fig6.json", lat)
-    write_json(latent_run.path / "analysis" / "latent.json", lat)
-    log("analysis: fig6 (t-SNE / UMAP) written")
+    log("analysis: fig5 (distance correlation) and fig6 (t-SNE / UMAP) written")
 
     write_json(out / "fig7.json", per_task[per_task.method.isin(["cmg", "cmg-mse"])].to_dict("records"))
     write_json(out / "fig8.json", history_curves(runs, "rid", ["train_acc", "val_acc", "chance"]))
