@@ -35,7 +35,10 @@ def runs_root() -> Path:
 
 
 def run_roots() -> list[Path]:
-    return [runs_root(), DEMO_RUN]
+    """The runs folder, every experiment folder under experiments/ (one run per task), and the demo run."""
+    experiments = REPO / "experiments"
+    exp_dirs = sorted(p for p in experiments.iterdir() if p.is_dir()) if experiments.is_dir() else []
+    return [runs_root(), *exp_dirs, DEMO_RUN]
 
 
 def discover_runs() -> list[Run]:
