@@ -47,28 +47,36 @@ def _cmd_data_show(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
+def _progress_bars():
+    """A progress callback drawing one tqdm bar per stage in the terminal, and a function closing it."""
     from tqdm import tqdm
 
-    from .config import load_config
-    from .pipeline import train_run
-
-    cfg = load_config(args.config, args.set)
     bars: dict = {}
 
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            for old in bars.values():
-                old.close()
-            bars.clear()
+            close()
             bar = bars[stage] = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
         bar.n = done
         bar.refresh()
 
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+
+    return progress, close
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .pipeline import train_run
+
+    cfg = load_config(args.config, args.set)
+    progress, close = _progress_bars()
     run_dir = train_run(cfg, progress=progress, overwrite=args.overwrite)
-    for bar in bars.values():
-        bar.close()
+    close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"run folder: {run_dir}")
@@ -146,7 +154,11 @@ def _cmd_experiment(args) -> int:
     from .experiment import run_experiment
 
     cfg = load_config(args.config, args.set)
-    run_experiment(cfg, analyses=not args.no_analyses)
+    progress, close = _progress_bars()
+    try:
+        run_experiment(cfg, progress=progress, analyses=not args.no_analyses)
+    finally:
+        close()
     return 0
 
 
