@@ -137,9 +137,9 @@ class Pipeline:
             self.e1.image.load_state_dict(state["image"])
             self.e1.text.load_state_dict(state["text"])
         else:
-            self.w.clear_history("e1")
+            state, save = self._checkpoint("e1", "e1")
             self.e1 = train_e1(self.orig[tr], self.captions[tr], cfg.e1, cfg.model, self._stage_seed(1),
-                               on_epoch=self._epoch_cb(cfg.e1.epochs, "E1"))
+                               on_epoch=self._epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
             torch.save({"image": self.e1.image.state_dict(), "text": self.e1.text.state_dict()}, path)
         self.e1_scores = self.e1.score(self.masked, self.captions, cfg.cmer.caption_reduce).numpy()  # (R, M)
         self.cmer_label = self.e1_scores.argmax(1)
@@ -157,10 +157,11 @@ class Pipeline:
             gen = np.random.default_rng(self._stage_seed(2))
             val = np.zeros(n, bool)
             val[gen.permutation(n)[: int(round(cfg.cmer.rid_val_fraction * n))]] = True
-            self.w.clear_history("rid")
+            state, save = self._checkpoint("rid", "rid")
             labels = torch.from_numpy(self.cmer_label[:n]).long()
             self.rid_model = train_rid(self.masked[:n], self.orig[:n], labels, torch.from_numpy(val), cfg.cmer,
-                                       self._stage_seed(2), on_epoch=self._epoch_cb(cfg.cmer.rid_epochs, "RID"))
+                                       self._stage_seed(2), on_epoch=self._epoch_cb(cfg.cmer.rid_epochs, "RID"),
+                                       state=state, on_checkpoint=save)
             torch.save(self.rid_model.state_dict(), path)
         self.rid_probs = rid_predict(self.rid_model, self.masked, self.orig).numpy()
         self.rid_choice = self.rid_probs.argmax(1)
@@ -170,6 +171,14 @@ class Pipeline:
         write_csv(self.run_dir / "cmer.csv", pd.DataFrame({
             "row": np.arange(len(self.rows)), "role": self.roles, **cols, "cmer_label": self.cmer_label,
             "rid_choice": self.rid_choice, "agree": (self.cmer_label == self.rid_choice).astype(int)}))
+
+    def _checkpoint(self, name: str, stage: str, method: str | None = None):
+        """(state to resume from or None, callback saving each epoch) for a stage's per-epoch checkpoint.
+        History records after the checkpoint's epoch are dropped: the resumed epochs write them again."""
+        path = self.ckpt / f"{name}.pt"
+        state = torch.load(path, weights_only=False) if path.is_file() else None
+        self.w.clear_history(stage, method, after_epoch=int(state["epoch"]) if state else 0)
+        return state, lambda epoch, st: torch.save(st, path)
 
     def _epoch_cb(self, total: int, label: str):
         def cb(rec: dict) -> None:
@@ -226,9 +235,7 @@ class Pipeline:
             objective = E2Objective(
                 lle_weights=self._lle_weights() if USES_LE[method] else None, lle_weight=cfg.cmle.weight, lle_normalize=cfg.cmle.normalize,
                 mse_targets=self.caption_mean[:n] if USES_MSE[method] else None, mse_weight=cfg.e2.mse_weight)
-            ckpt = self.ckpt / f"e2_{slug}.pt"
-            state = torch.load(ckpt, weights_only=False) if ckpt.is_file() else None
-            self.w.clear_history("e2", method, after_epoch=int(state["epoch"]) if state else 0)
+            state, save = self._checkpoint(f"e2_{slug}", "e2", method)
 
             def evaluate(head: E2Head) -> dict:  # plots only: never used to pick the model
                 if not cfg.train.eval_every_epoch:
@@ -239,7 +246,7 @@ class Pipeline:
 
             head = train_e2_head(self._views(er), clean, cfg.e2, cfg.model, objective, self._stage_seed(5), method,
                                  on_epoch=self._epoch_cb(cfg.e2.epochs, "E2"), evaluate=evaluate, state=state,
-                                 on_checkpoint=lambda ep, st: torch.save(st, ckpt))
+                                 on_checkpoint=save)
             h = e2_features(head, feats)
             det = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance, seed=cfg.train.seed).fit(h[:n])
             torch.save({"model": head.state_dict(), "detector": det.state_dict(), "method": method,

@@ -29,6 +29,25 @@ def _batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = Fa
         yield perm[start : start + batch_size]
 
 
+def _snapshot(epoch: int, modules: dict, opt, gen: torch.Generator) -> dict:
+    """Everything needed to continue training after `epoch`: weights, optimizer, both RNG states."""
+    return {"epoch": epoch, **{k: m.state_dict() for k, m in modules.items()}, "optimizer": opt.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
+
+
+def _restore(state: dict | None, modules: dict, opt, gen: torch.Generator) -> int:
+    """Load a `_snapshot` (if any) and return the epoch to continue from."""
+    if not state:
+        return 0
+    for k, m in modules.items():
+        m.load_state_dict(state[k])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"])
+
+
 # --- E1 ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -47,7 +66,8 @@ class E1Model:
 
 
 def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_cfg: ModelConfig, seed: int,
-             on_epoch: EpochFn | None = None) -> E1Model:
+             on_epoch: EpochFn | None = None, state: dict | None = None,
+             on_checkpoint: CheckpointFn | None = None) -> E1Model:
     """Eq.1: image head + text projection so each image matches its own captions.
 
     feats (N, F) trunk features; captions (N, C, T) frozen text embeddings (C captions per image; images with
@@ -59,8 +79,9 @@ def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_c
                     TextProjection(captions.shape[-1], model_cfg.text_hidden, model_cfg.embed_dim))
     params = list(model.image.parameters()) + list(model.text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = _restore(state, {"image": model.image, "text": model.text}, opt, gen)
     n, c = captions.shape[:2]
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         model.image.train(), model.text.train()
         total, steps = 0.0, 0
         for idx in _batches(n, cfg.batch_size, gen, drop_last=True):
@@ -75,6 +96,8 @@ def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_c
             loss.backward()
             opt.step()
             total, steps = total + loss.item(), steps + 1
+        if on_checkpoint:
+            on_checkpoint(epoch + 1, _snapshot(epoch + 1, {"image": model.image, "text": model.text}, opt, gen))
         if on_epoch:
             on_epoch({"stage": "e1", "method": None, "epoch": epoch + 1, "loss": total / max(steps, 1)})
     model.image.eval(), model.text.eval()
@@ -84,7 +107,8 @@ def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_c
 # --- RID ---------------------------------------------------------------------------------------------
 
 def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, val_mask: torch.Tensor,
-              cfg: CMERConfig, seed: int, on_epoch: EpochFn | None = None) -> RID:
+              cfg: CMERConfig, seed: int, on_epoch: EpochFn | None = None, state: dict | None = None,
+              on_checkpoint: CheckpointFn | None = None) -> RID:
     """Eq.3: RID learns CMER's label l from the masked variants alone (no text).
 
     masked (N, M, F), orig (N, F), labels (N,), val_mask (N,) bool: held-out images for validation accuracy
@@ -94,9 +118,10 @@ def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, va
     torch.manual_seed(seed)
     rid = RID(masked.shape[-1], tuple(cfg.rid_hidden), dropout=cfg.rid_dropout)
     opt = torch.optim.AdamW(rid.parameters(), lr=cfg.rid_lr, weight_decay=cfg.rid_weight_decay)
+    start = _restore(state, {"model": rid}, opt, gen)
     tr = torch.nonzero(~val_mask).flatten()
     va = torch.nonzero(val_mask).flatten()
-    for epoch in range(cfg.rid_epochs):
+    for epoch in range(start, cfg.rid_epochs):
         rid.train()
         total, steps = 0.0, 0
         for b in _batches(len(tr), cfg.rid_batch_size, gen):
@@ -113,6 +138,8 @@ def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, va
                    "chance": 1.0 / masked.shape[1]}
             if len(va):
                 rec["val_acc"] = rid_accuracy(rid(masked[va], orig[va]), labels[va])
+        if on_checkpoint:
+            on_checkpoint(epoch + 1, _snapshot(epoch + 1, {"model": rid}, opt, gen))
         if on_epoch:
             on_epoch(rec)
     rid.eval()
@@ -173,12 +200,7 @@ def train_e2_head(views: torch.Tensor, clean: torch.Tensor, cfg: E2Config, model
     text_dim = objective.mse_targets.shape[1] if objective.mse_targets is not None else None
     head = E2Head(views.shape[-1], model_cfg.head_hidden, model_cfg.embed_dim, text_dim)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch = 0
-    if state:
-        head.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start_epoch = int(state["epoch"])
+    start_epoch = _restore(state, {"model": head}, opt, gen)
     w_dense = None
     if objective.lle_weights is not None:
         w_dense = torch.from_numpy(objective.lle_weights.toarray()).float()
@@ -218,8 +240,7 @@ def train_e2_head(views: torch.Tensor, clean: torch.Tensor, cfg: E2Config, model
         if evaluate is not None:
             rec.update(evaluate(head))
         if on_checkpoint:  # checkpoint before reporting: a stop inside on_epoch loses no finished epoch
-            on_checkpoint(epoch + 1, {"epoch": epoch + 1, "model": head.state_dict(), "optimizer": opt.state_dict(),
-                                      "generator": gen.get_state()})
+            on_checkpoint(epoch + 1, _snapshot(epoch + 1, {"model": head}, opt, gen))
         if on_epoch:
             on_epoch(rec)
     head.eval()

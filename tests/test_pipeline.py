@@ -119,3 +119,23 @@ def test_too_many_gmm_clusters(tmp_path):
                                                  "cmer.rid_epochs=1", "e2.epochs=1", "e2.n_views=1", "train.methods=[cmg]"])
     with pytest.raises(ConfigError, match="n_clusters=10"):
         train_run(cfg)
+
+
+@pytest.mark.parametrize("stage, stop_at, total", [("E1", 3, 25), ("RID", 4, 30)])
+def test_e1_and_rid_resume_from_epoch_checkpoints(tmp_path, stage, stop_at, total):
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd]"])
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(s, done, t):
+        if s == stage and done == stop_at:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train_run(cfg, progress=interrupt)
+    seen = []
+    train_run(cfg, progress=lambda s, d, t: seen.append((s, d)))
+    assert [d for s, d in seen if s == stage] == list(range(stop_at + 1, total + 1))  # continued, not restarted
+    hist = Run.open(tmp_path / "r").history()
+    assert sorted(hist[hist.stage == stage.lower()].epoch) == list(range(1, total + 1))  # each epoch once
