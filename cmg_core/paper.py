@@ -23,22 +23,8 @@ both alike; only the networks differ:
 * Detector: MahalanobisDetector on E2's h (or z, `detector.features`) of the un-augmented images, RID-masked
   for ER methods (train rows too), exactly as the cpu profile.
 
-L_global with end-to-end training (ssd+le, cmg). The cpu profile recomputes all N embeddings every step,
-which a ResNet cannot afford. Here BOTH of the usual remedies are combined, because each alone is biased:
-
-* a memory bank of every training image's current embedding h of its un-augmented (masked) image,
-  detached. It is filled by a full pass at the start of every epoch (train-mode BatchNorm like the training
-  batches, running statistics restored afterwards; also why a resumed epoch needs no saved bank), and every
-  step overwrites the rows of the batch's images with their fresh embeddings (all ranks' batches under
-  torchrun). A bank alone would give gradients through the anchor only, never through its neighbours.
-* neighbour-aware batches: each step takes a few seed images from the shuffled (sharded) training set and
-  fills the batch with their LLE neighbours (`cmle.neighbour_batch_indices`, cut at the batch size), so
-  most neighbours of the seeds are in the batch WITH gradients. Every batch member's term of Eq.13 is used:
-  its in-batch neighbours enter with gradients, the others through the bank
-  (`lle_reconstruction_loss(h_batch, W[batch], bank with the batch's rows replaced by h_batch)`).
-  An epoch is as many steps as a plain epoch (about N images seen), so all methods cost the same per epoch;
-  the seeds of an epoch are the first (steps * seeds per step) of its shuffled shard.
-  With `cmle.normalize` (default) h is L2-normalised for L_global and in the bank.
+L_global with end-to-end training (ssd+le, cmg): a memory bank of every training image's embedding combined
+with neighbour-aware batches (see cmg_core.paper_e2).
 
 Optimisation: AdamW (`lr`, `weight_decay` of the stage) with a cosine learning-rate schedule over the
 stage's epochs; mixed precision (torch.autocast float16 + GradScaler) on CUDA when `train.amp`. The final
@@ -59,11 +45,14 @@ global-batch loss); in NT-Xent the same image on two ranks (a neighbour in two n
 not counted as a negative. CMER, RID, per-epoch evaluation, the detector and every file are handled by
 rank 0; results the other ranks need (labels, caption embeddings, LLE weights) are broadcast. Checkpoints are
 read by every rank from the run folder (single node or a shared file system).
+
+Modules: this one holds `PaperRun` (data, text, E1, CMER + RID, the whole run) and `train_paper_run`;
+`paper_augment` the batched SimCLR augmentation, `paper_models` the networks, `paper_e2` the E2 stage
+(mixed into `PaperRun`), `paper_predict` `PaperPredictor`. Their public names are re-exported here.
 """
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -72,164 +61,30 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
-from .cmle import cmle_weights, fit_caption_clusters, neighbour_batch_indices
 from .config import RunConfig, save_config
 from .data import load_dataset, make_task
-from .data.images import open_image
-from .detector import MahalanobisDetector
-from .encoders import Normalize, TextEncoder, build_backbone
-from .errors import ConfigError, DataError
-from .features import images_to_tensor, masked_variants, to_float
-from .losses import (duplicate_caption_mask, image_text_contrastive_loss, lle_reconstruction_loss, matching_score,
-                     mse_distillation_loss, nt_xent_loss)
+from .encoders import TextEncoder
+from .errors import ConfigError
+from .features import images_to_tensor, to_float
+from .losses import duplicate_caption_mask, image_text_contrastive_loss, matching_score
 from .masks import apply_masks, grid_masks
-from .metrics import detection_metrics
-from .models import RID, E2Encoder, ImageHead, TextProjection
-from .pipeline import USES_ER, USES_LE, USES_MSE, _check_resume, caption_tensor
-from .runs import Run, RunWriter, method_slug, write_csv, write_json, write_npy
+from .models import RID
+from .paper_augment import batch_simclr_augment
+from .paper_e2 import PaperE2Mixin
+from .paper_models import _save, build_e1
+from .pipeline import _check_resume, caption_tensor
+from .runs import RunWriter, write_csv, write_json
 from .stages import mean_caption_embedding, rid_predict, train_rid
-from .utils import atomic_path, resolve_device, seed_everything
+from .utils import resolve_device, seed_everything
+
+# re-exported: these names lived in this module before it was split
+from .paper_models import E1Image, E1Pair, _backbone, _E2Train, build_e2, nt_xent_ids  # noqa: F401
+from .paper_predict import PaperPredictor, _to_pil  # noqa: F401
 
 Progress = Callable[[str, int, int], None]
-
-
-# --- batched SimCLR augmentation --------------------------------------------------------------------
-
-def batch_simclr_augment(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """SimCLR augmentation of a batch, parameters drawn per image from `gen` (a CPU generator).
-
-    x (B, 3, H, W) float in [0, 1], any device -> same shape. The ranges are those of
-    `features.simclr_augment`: RandomResizedCrop(scale (1 - 0.6 s, 1), ratio (3/4, 4/3)), horizontal flip
-    p=0.5, colour jitter p=0.8 (brightness/contrast/saturation 0.4 s, hue 0.1 s; hue as a rotation of the
-    YIQ chroma plane), grayscale p=0.2 s. The crop + flip is one bilinear `grid_sample`.
-    """
-    b, _, h, w = x.shape
-    dev, dt = x.device, x.dtype
-
-    def u(lo, hi, n=b):
-        return (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev, dt)
-
-    area = 1.0 - 0.6 * strength + 0.6 * strength * torch.rand(b, generator=gen)
-    log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(b, generator=gen)
-    r = torch.exp(log_r)
-    cw = torch.sqrt(area * r).clamp(max=1.0)  # crop width / image width
-    ch = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (1 - cw) * (2 * torch.rand(b, generator=gen) - 1)  # crop centre in [-1, 1] coordinates
-    cy = (1 - ch) * (2 * torch.rand(b, generator=gen) - 1)
-    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = cw * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = ch, cy
-    grid = F.affine_grid(theta.to(dev, dt), [b, 3, h, w], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-    jitter = (torch.rand(b, generator=gen) < 0.8).to(dev, dt).view(b, 1, 1, 1)
-    s = 0.4 * strength
-    one = torch.ones((), device=dev, dtype=dt)
-    bright = torch.lerp(one, u(1 - s, 1 + s).view(b, 1, 1, 1), jitter)
-    contrast = torch.lerp(one, u(1 - s, 1 + s).view(b, 1, 1, 1), jitter)
-    sat = torch.lerp(one, u(1 - s, 1 + s).view(b, 1, 1, 1), jitter)
-    hue = u(-0.1 * strength, 0.1 * strength) * jitter.view(b)
-    lum = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=dt).view(1, 3, 1, 1)
-    x = (x * bright).clamp(0, 1)
-    mean = (x * lum).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = ((x - mean) * contrast + mean).clamp(0, 1)
-    gray = (x * lum).sum(1, keepdim=True)
-    x = ((x - gray) * sat + gray).clamp(0, 1)
-    # hue: rotate the (I, Q) chroma of YIQ by 2 pi * hue
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev, dtype=dt)
-    rgb = torch.linalg.inv(yiq.float()).to(dt)
-    ang = 2 * math.pi * hue
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    rot = torch.zeros(b, 3, 3, device=dev, dtype=dt)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    mat = rgb.unsqueeze(0) @ rot @ yiq.unsqueeze(0)  # (B, 3, 3)
-    x = torch.einsum("bij,bjhw->bihw", mat, x).clamp(0, 1)
-    gs = (torch.rand(b, generator=gen) < 0.2 * strength).to(dev, dt).view(b, 1, 1, 1)
-    gray = (x * lum).sum(1, keepdim=True).expand_as(x)
-    return torch.lerp(x, gray, gs)
-
-
-# --- networks -----------------------------------------------------------------------------------------
-
-class E1Image(nn.Module):
-    """E1 image side: normalise -> ResNet -> pooled features (B, F) -> ImageHead -> (B, D)."""
-
-    def __init__(self, backbone: nn.Module, spec, head_hidden: int, embed_dim: int):
-        super().__init__()
-        self.normalize = Normalize(spec.mean, spec.std)
-        self.backbone = backbone
-        self.head = ImageHead(spec.feature_dim, head_hidden, embed_dim)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(images))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(images)
-        return f, self.head(f)
-
-
-class E1Pair(nn.Module):
-    """E1: image network + projection of the frozen caption embeddings, one module for DDP."""
-
-    def __init__(self, image: E1Image, text: TextProjection):
-        super().__init__()
-        self.image = image
-        self.text = text
-
-    def forward(self, images: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.image(images)[1], self.text(captions)
-
-
-class _E2Train(nn.Module):
-    """E2Encoder with the text map in forward, so DDP sees every parameter used in one forward call."""
-
-    def __init__(self, enc: E2Encoder):
-        super().__init__()
-        self.enc = enc
-
-    def forward(self, images: torch.Tensor):
-        h, z = self.enc(images)
-        return h, z, (self.enc.to_text(h) if self.enc.to_text is not None else None)
-
-
-def build_e1(cfg: RunConfig, text_dim: int) -> tuple[E1Pair, int]:
-    backbone, spec = _backbone(cfg)
-    e1 = E1Pair(E1Image(backbone, spec, cfg.model.head_hidden, cfg.model.embed_dim),
-                TextProjection(text_dim, cfg.model.text_hidden, cfg.model.embed_dim))
-    return e1, spec.feature_dim
-
-
-def build_e2(cfg: RunConfig, text_dim: int | None) -> E2Encoder:
-    backbone, spec = _backbone(cfg)
-    return E2Encoder(backbone, spec.feature_dim, cfg.model.embed_dim, text_dim, mean=spec.mean, std=spec.std)
-
-
-def _backbone(cfg: RunConfig):
-    name = cfg.model.backbone
-    pretrained = cfg.model.pretrained if name == "efficientnet_lite0" else False
-    return build_backbone(name, pretrained=pretrained, cifar_stem=cfg.model.cifar_stem, weights=cfg.model.backbone_weights)
-
-
-def nt_xent_ids(z1: torch.Tensor, z2: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent where views of the same image id (other than the anchor's own pair) are not negatives.
-
-    Equals `losses.nt_xent_loss` when the ids are unique (used for batches gathered from several ranks).
-    """
-    b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=-1)
-    sim = z @ z.t() / temperature
-    ids2 = torch.cat([ids, ids]).to(z.device)
-    idx = torch.arange(b, device=z.device)
-    target = torch.cat([idx + b, idx])
-    same = ids2.unsqueeze(0) == ids2.unsqueeze(1)
-    same[torch.arange(2 * b, device=z.device), target] = False
-    return F.cross_entropy(sim.masked_fill(same, float("-inf")), target)
 
 
 # --- bookkeeping on rank 0 only ------------------------------------------------------------------------
@@ -241,12 +96,7 @@ class _NullWriter:
         return lambda *a, **k: None
 
 
-def _save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-class PaperRun:
+class PaperRun(PaperE2Mixin):
     """State of one paper-profile run while it trains; `run()` is the whole straight line."""
 
     def __init__(self, cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False):
@@ -527,201 +377,6 @@ class PaperRun:
             "rid_choice": rid_choice, "agree": (cmer_label == rid_choice).astype(int)}))
         return e1_scores, cmer_label, rid_probs
 
-    # --- E2 ---------------------------------------------------------------------------------------
-    def _lle_weights(self):
-        if getattr(self, "_w", None) is None:
-            out = None
-            if self.main:
-                cfg = self.cfg
-                emb = self.caption_mean[: self.n_train].numpy().astype(np.float64)
-                k = cfg.cmle.n_clusters
-                if k > len(emb):
-                    out = f"cmle.n_clusters={k} is larger than the {len(emb)} normal training images"
-                else:
-                    labels, _ = fit_caption_clusters(emb, k, cfg.cmle.covariance_type, seed=self._stage_seed(4))
-                    out = cmle_weights(emb, labels, cfg.cmle.n_neighbors, cfg.cmle.reg)
-                    self.log(f"CMLE: GMM cluster sizes {np.bincount(labels, minlength=k).tolist()}")
-            out = D.broadcast_object(out)
-            if isinstance(out, str):
-                raise ConfigError(out)
-            self._w = out.tocsr()
-        return self._w
-
-    @torch.no_grad()
-    def embed(self, enc: E2Encoder, rows: np.ndarray, masks: np.ndarray | None, batch_size: int = 256) -> np.ndarray:
-        """E2 features (h, or z with detector.features=projection) of the un-augmented images of `rows`."""
-        enc.eval()
-        out = []
-        for s in range(0, len(rows), batch_size):
-            x = self._batch(torch.as_tensor(rows[s : s + batch_size]), masks)
-            with self._autocast():
-                h, z = enc(x)
-            out.append((z if self.cfg.detector.features == "projection" else h).float().cpu())
-        return torch.cat(out).numpy()
-
-    @torch.no_grad()
-    def _fill_bank(self, enc: E2Encoder, masks: np.ndarray | None, normalize: bool, batch_size: int) -> torch.Tensor:
-        """(N, F) h of every training image, train-mode BatchNorm (as in the training batches); BatchNorm
-        running statistics are restored afterwards. Every rank computes all rows in the same chunks."""
-        saved = {k: v.clone() for k, v in enc.named_buffers()}
-        enc.train()
-        parts = []
-        for s in range(0, self.n_train, batch_size):
-            idx = torch.arange(s, min(s + batch_size, self.n_train))
-            with self._autocast():
-                h, _ = enc(self._batch(idx, masks))
-            h = h.float()
-            parts.append(F.normalize(h, dim=-1) if normalize else h)
-        for k, v in enc.named_buffers():
-            v.copy_(saved[k])
-        return torch.cat(parts)
-
-    @staticmethod
-    def _e2_batches(shard: list[int], per_rank: int, w, n_seed: int) -> list[np.ndarray]:
-        """Index batches of one epoch for this rank: plain chunks of the shard, or neighbour-aware batches
-        (seeds from the shard + their LLE neighbours, cut at per_rank) when `w` is given."""
-        if w is None:
-            return [np.asarray(shard[s : s + per_rank]) for s in range(0, len(shard), per_rank)
-                    if len(shard[s : s + per_rank]) >= 2]
-        steps = math.ceil(len(shard) / per_rank)
-        out = []
-        for s in range(steps):
-            seeds = np.asarray([shard[(s * n_seed + j) % len(shard)] for j in range(n_seed)])
-            out.append(neighbour_batch_indices(w, seeds, max_size=per_rank))
-        return out
-
-    def train_method(self, method: str) -> dict | None:
-        cfg, n, slug = self.cfg, self.n_train, method_slug(method)
-        final, ckpt = self.models / f"{slug}.pt", self.ckpt / f"e2_{slug}.pt"
-        er, le, mse = USES_ER[method], USES_LE[method], USES_MSE[method]
-        train_masks = self.cmer_label if er else None
-        eval_masks = self.rid_choice if er else None
-        text_dim = self.captions.shape[-1] if mse else None
-        torch.manual_seed(self._stage_seed(5))
-        enc = self._to_device(build_e2(cfg, text_dim))
-        all_rows = np.arange(len(self.rows))
-        test = slice(n, None)
-        if self._exists(final):
-            if not self.main:
-                return None
-            state = torch.load(final, map_location=self.device, weights_only=False)
-            enc.load_state_dict(state["model"])
-            det = MahalanobisDetector.from_state_dict(state["detector"])
-            h = self.embed(enc, all_rows, eval_masks)
-        else:
-            self._train_e2(enc, method, ckpt, train_masks, eval_masks, le, mse)
-            if not self.main:
-                D.barrier()
-                return None
-            h = self.embed(enc, all_rows, eval_masks)
-            det = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance, seed=cfg.train.seed).fit(h[:n])
-            _save({"model": {k: v.cpu() for k, v in enc.state_dict().items()}, "detector": det.state_dict(),
-                   "method": method, "text_dim": text_dim, "uses_er": er, "feature_dim": enc.projection[0].in_features,
-                   "backbone": cfg.model.backbone, "cifar_stem": cfg.model.cifar_stem}, final)
-            ckpt.unlink(missing_ok=True)  # the final model supersedes the resume checkpoint
-            D.barrier()
-        write_npy(self.run_dir / "embeddings" / f"{slug}.npy", h.astype(np.float32))
-        scores = det.score(h)
-        metrics = detection_metrics(self.is_anomaly[test], scores[test])
-        self.log(f"{method}: AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}")
-        return {"scores": scores, "metrics": metrics}
-
-    def _train_e2(self, enc: E2Encoder, method: str, ckpt: Path, train_masks, eval_masks, le: bool, mse: bool) -> None:
-        cfg, n = self.cfg, self.n_train
-        model = self._sync_bn(_E2Train(enc))
-        enc = model.enc
-        ddp = self._ddp(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.e2.lr, weight_decay=cfg.e2.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.e2.epochs, 1))
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        start = 0
-        if self._exists(ckpt):
-            state = torch.load(ckpt, map_location=self.device, weights_only=False)
-            enc.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start = int(state["epoch"])
-            self.w.clear_history("e2", method, after_epoch=start)  # records after the checkpoint are re-run
-            self.log(f"E2 ({method}): resuming after epoch {start}")
-        else:
-            self.w.clear_history("e2", method)
-        w = self._lle_weights() if le else None
-        per_rank = max(2, cfg.e2.batch_size // self.world)
-        n_seed = 0
-        if w is not None:
-            k_mean = w.getnnz() / max(w.shape[0], 1)
-            n_seed = int(min(per_rank, max(2, round(per_rank / (1.0 + k_mean)))))
-        normalize = bool(cfg.cmle.normalize)
-        targets = self.caption_mean[:n].to(self.device) if mse else None
-        sampler = self._sampler(n, self._stage_seed(5))
-        for epoch in range(start, cfg.e2.epochs):
-            sampler.set_epoch(epoch)
-            shard = list(sampler)
-            if epoch == start:
-                self._log_shards(f"e2 {method}", epoch + 1, shard)
-            gen = torch.Generator().manual_seed(self._stage_seed(5) * 7919 + epoch * self.world + self.rank)
-            bank = self._fill_bank(enc, train_masks, normalize, per_rank) if w is not None else None
-            ddp.train()
-            sums = torch.zeros(4, dtype=torch.float64)  # loss, simclr, global, mse
-            steps = 0
-            for idx_np in self._e2_batches(shard, per_rank, w, n_seed):
-                idx = torch.from_numpy(np.asarray(idx_np, dtype=np.int64))
-                b = len(idx)
-                clean = self._batch(idx, train_masks)
-                v1, v2 = batch_simclr_augment(clean, gen), batch_simclr_augment(clean, gen)
-                need_clean = w is not None or mse
-                x = torch.cat([v1, v2, clean] if need_clean else [v1, v2])
-                with self._autocast():
-                    h, z, t = ddp(x)
-                z = z.float()
-                if self.world > 1:
-                    z1, off = D.all_gather_rows(z[:b], keep_grad=True)
-                    z2, _ = D.all_gather_rows(z[b : 2 * b], keep_grad=True)
-                    ids, _ = D.all_gather_rows(idx.to(z.device))
-                    loss_simclr = nt_xent_ids(z1, z2, ids, cfg.e2.temperature)
-                else:
-                    loss_simclr = nt_xent_loss(z[:b], z[b : 2 * b], cfg.e2.temperature)
-                loss = loss_simclr * self.world
-                lg = lm = torch.zeros((), device=z.device)
-                if w is not None:
-                    hc = h[2 * b :].float()
-                    hn = F.normalize(hc, dim=-1) if normalize else hc
-                    idx_dev = idx.to(self.device)
-                    w_rows = torch.from_numpy(w[idx_np].toarray()).float().to(self.device)
-                    lg = lle_reconstruction_loss(hn, w_rows, bank.index_copy(0, idx_dev, hn))
-                    loss = loss + cfg.cmle.weight * lg
-                if mse:
-                    lm = mse_distillation_loss(t[2 * b :].float(), targets[idx.to(self.device)])
-                    loss = loss + cfg.e2.mse_weight * lm
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                if w is not None:  # refresh the bank with every rank's fresh embeddings
-                    all_idx, _ = D.all_gather_rows(idx_dev)
-                    all_h, _ = D.all_gather_rows(hn.detach())
-                    bank.index_copy_(0, all_idx, all_h)
-                total = loss_simclr.item() + cfg.cmle.weight * lg.item() + cfg.e2.mse_weight * lm.item()
-                sums += torch.tensor([total, loss_simclr.item(), lg.item(), lm.item()], dtype=torch.float64)
-                steps += 1
-            sched.step()
-            sums = D.all_reduce_mean(sums / max(steps, 1))
-            rec = {"stage": "e2", "method": method, "epoch": epoch + 1,
-                   **{k: float(v) for k, v in zip(("loss", "simclr", "global", "mse"), sums.tolist())}}
-            if self.main:
-                if cfg.train.eval_every_epoch:  # plots only: never used to pick the model
-                    h_all = self.embed(enc, np.arange(len(self.rows)), eval_masks)
-                    d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance,
-                                            seed=cfg.train.seed).fit(h_all[:n])
-                    rec["auroc"] = detection_metrics(self.is_anomaly[n:], d.score(h_all[n:]))["auroc"]
-                if self._want_checkpoint(epoch + 1, cfg.e2.epochs):
-                    _save({"epoch": epoch + 1, "model": enc.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "method": method}, ckpt)
-            self._epoch_done("E2", cfg.e2.epochs, rec)
-        enc.eval()
-
     # --- the whole run ----------------------------------------------------------------------------
     def run(self) -> Path:
         t0 = time.time()
@@ -759,99 +414,3 @@ def train_paper_run(cfg: RunConfig, progress: Progress | None = None, overwrite:
     Under torchrun every process calls this; rank 0 writes the run folder.
     """
     return PaperRun(cfg, progress=progress, overwrite=overwrite).run()
-
-
-# --- scoring new images with a finished paper-profile run ------------------------------------------
-
-def _to_pil(x: torch.Tensor):
-    from PIL import Image
-
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-class PaperPredictor:
-    """A finished paper-profile run's E1 backbone + RID, E2 encoders and detectors, ready to score images.
-
-    Same interface as predict.Predictor: `methods`, `explain_many`, `explain`, `score`.
-    """
-
-    def __init__(self, run: Run, e1_image: E1Image, rid: RID, encoders: dict, detectors: dict, cfg: RunConfig,
-                 device: torch.device):
-        self.run, self.e1_image, self.rid, self.encoders, self.detectors = run, e1_image, rid, encoders, detectors
-        self.cfg, self.device = cfg, device
-        self.image_size, self.n_regions = cfg.data.image_size, cfg.cmer.n_regions
-        self.mask, self.soft_value = cfg.cmer.mask, cfg.cmer.soft_value
-
-    @property
-    def methods(self) -> list[str]:
-        return list(self.encoders)
-
-    @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu") -> "PaperPredictor":
-        run = Run.open(run_dir)
-        if run.status != "done":
-            raise DataError(f"run {run.path} is not finished (status: {run.status}); wait for it or pick another run")
-        cfg = run.config()
-        dev = resolve_device(device)
-        models = run.path / "models"
-        state = torch.load(models / "rid.pt", map_location="cpu", weights_only=False)
-        backbone, spec = _backbone(cfg)
-        e1_image = E1Image(backbone, spec, cfg.model.head_hidden, cfg.model.embed_dim)
-        missing, unexpected = e1_image.load_state_dict({k: v.float() for k, v in state["e1_image"].items()},
-                                                       strict=False)
-        if unexpected or any(not k.startswith("head.") for k in missing):
-            raise DataError(f"{models / 'rid.pt'} does not match the run's E1 backbone "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        rid = RID(int(state["feature_dim"]), tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-        rid.load_state_dict({k: v.float() for k, v in state["rid"].items()})
-        encs, dets = {}, {}
-        for method in run.methods:
-            st = torch.load(models / f"{method_slug(method)}.pt", map_location="cpu", weights_only=False)
-            enc = build_e2(cfg, st.get("text_dim"))
-            enc.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["model"].items()})
-            encs[method] = enc.to(dev).eval()
-            dets[method] = MahalanobisDetector.from_state_dict(st["detector"])
-        return cls(run, e1_image.to(dev).eval(), rid.eval(), encs, dets, cfg, dev)
-
-    @torch.no_grad()
-    def explain_many(self, images: list) -> list[dict]:
-        """PIL images, paths or file objects -> one result dict per image (see predict.Predictor.explain)."""
-        from PIL import Image
-
-        pils = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
-        x = to_float(images_to_tensor(pils, self.image_size))  # (B, 3, S, S)
-        variants = masked_variants(x, self.n_regions, self.mask, self.soft_value)  # (B, M, 3, S, S)
-        b, m = variants.shape[:2]
-        feats = self.e1_image.features(torch.cat([x, variants.flatten(0, 1)]).to(self.device)).float().cpu()
-        orig, masked = feats[:b], feats[b:].view(b, m, -1)
-        probs = rid_predict(self.rid, masked, orig).numpy()
-        choice = probs.argmax(1)
-        per_method = {}
-        for method, enc in self.encoders.items():
-            inp = variants[torch.arange(b), torch.from_numpy(choice)] if USES_ER[method] else x
-            h, z = enc(inp.to(self.device))
-            f = (z if self.cfg.detector.features == "projection" else h).float().cpu().numpy()
-            det = self.detectors[method]
-            s = det.score(f)
-            per_method[method] = (s, det.percentile(s), float(np.percentile(det.train_scores_, 95)))
-        out = []
-        for i in range(b):
-            out.append({
-                "variants": [_to_pil(v) for v in variants[i]],
-                "rid_probs": probs[i],
-                "rid_choice": int(choice[i]),
-                "masked_image": _to_pil(variants[i, choice[i]]),
-                "image": _to_pil(x[i]),
-                "scores": {k: float(v[0][i]) for k, v in per_method.items()},
-                "percentiles": {k: float(v[1][i]) for k, v in per_method.items()},
-                "thresholds": {k: v[2] for k, v in per_method.items()},
-            })
-        return out
-
-    def explain(self, image) -> dict:
-        return self.explain_many([image])[0]
-
-    def score(self, images: list, method: str = "cmg") -> np.ndarray:
-        if method not in self.encoders:
-            raise DataError(f"run {self.run.path} has no method {method!r}; it has {self.methods}")
-        return np.array([r["scores"][method] for r in self.explain_many(images)])
