@@ -35,7 +35,10 @@ def runs_root() -> Path:
 
 
 def run_roots() -> list[Path]:
-    """The runs folder, every experiment folder under experiments/ (one run per task), and the demo run."""
+    """Where runs are looked for: $CMG_RUNS_DIR alone when set (plus the demo run); else runs/, every
+    experiment folder under experiments/ (one run per task) and the demo run."""
+    if os.environ.get("CMG_RUNS_DIR"):
+        return [runs_root(), DEMO_RUN]
     experiments = REPO / "experiments"
     exp_dirs = sorted(p for p in experiments.iterdir() if p.is_dir()) if experiments.is_dir() else []
     return [runs_root(), *exp_dirs, DEMO_RUN]

@@ -75,8 +75,8 @@ from .models import RID
 from .paper_augment import batch_simclr_augment
 from .paper_e2 import PaperE2Mixin
 from .paper_models import _save, build_e1
-from .pipeline import _check_resume, caption_tensor
-from .runs import RunWriter, write_csv, write_json
+from .pipeline import _check_resume, caption_tensor, finish_run, mark_stopped
+from .runs import RunWriter, write_csv
 from .stages import mean_caption_embedding, rid_predict, train_rid
 from .utils import resolve_device, seed_everything
 
@@ -390,18 +390,10 @@ class PaperRun(PaperE2Mixin):
                 self.progress("methods", i, len(self.cfg.train.methods), method)
                 results[method] = self.train_method(method)
             if self.main:
-                write_csv(self.run_dir / "scores.csv", pd.DataFrame(
-                    {"row": np.arange(len(self.rows)), "role": self.roles, "is_anomaly": self.is_anomaly,
-                     **{f"score_{m}": r["scores"] for m, r in results.items()}}))
-                write_json(self.run_dir / "metrics.json", {m: r["metrics"] for m, r in results.items()})
-                self.w.update_info(status="done", finished=time.time(), wall_time_s=time.time() - t0)
-                self.progress("done", 1, 1)
-                self.log(f"done in {time.time() - t0:.1f} s")
+                finish_run(self, results, t0)
         except BaseException as exc:
             if self.main:
-                self.w.update_info(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
-                                   error=f"{exc.__class__.__name__}: {exc}")
-                self.log(f"stopped: {exc.__class__.__name__}: {exc}")
+                mark_stopped(self, exc)
             D.cleanup(self.dist, wait=False)
             raise
         D.cleanup(self.dist)

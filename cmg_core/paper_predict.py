@@ -3,32 +3,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import RunConfig
-from .data.images import open_image
 from .detector import MahalanobisDetector
 from .errors import DataError
-from .features import images_to_tensor, masked_variants, to_float
+
 from .models import RID
 from .paper_models import E1Image, _backbone, build_e2
 from .pipeline import USES_ER
+from .predict import BasePredictor, _to_pil  # noqa: F401  (_to_pil re-exported by cmg_core.paper)
 from .runs import Run, method_slug
-from .stages import rid_predict
 from .utils import resolve_device
 
 
-def _to_pil(x: torch.Tensor):
-    from PIL import Image
-
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-class PaperPredictor:
+class PaperPredictor(BasePredictor):
     """A finished paper-profile run's E1 backbone + RID, E2 encoders and detectors, ready to score images.
 
-    Same interface as predict.Predictor: `methods`, `explain_many`, `explain`, `score`.
+    Same interface as predict.Predictor (`methods`, `explain_many`, `explain`, `score`, from BasePredictor).
     """
 
     def __init__(self, run: Run, e1_image: E1Image, rid: RID, encoders: dict, detectors: dict, cfg: RunConfig,
@@ -38,9 +30,6 @@ class PaperPredictor:
         self.image_size, self.n_regions = cfg.data.image_size, cfg.cmer.n_regions
         self.mask, self.soft_value = cfg.cmer.mask, cfg.cmer.soft_value
 
-    @property
-    def methods(self) -> list[str]:
-        return list(self.encoders)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "PaperPredictor":
@@ -69,45 +58,12 @@ class PaperPredictor:
             dets[method] = MahalanobisDetector.from_state_dict(st["detector"])
         return cls(run, e1_image.to(dev).eval(), rid.eval(), encs, dets, cfg, dev)
 
-    @torch.no_grad()
-    def explain_many(self, images: list) -> list[dict]:
-        """PIL images, paths or file objects -> one result dict per image (see predict.Predictor.explain)."""
-        from PIL import Image
-
-        pils = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
-        x = to_float(images_to_tensor(pils, self.image_size))  # (B, 3, S, S)
-        variants = masked_variants(x, self.n_regions, self.mask, self.soft_value)  # (B, M, 3, S, S)
+    def _rid_inputs(self, x, variants):
         b, m = variants.shape[:2]
         feats = self.e1_image.features(torch.cat([x, variants.flatten(0, 1)]).to(self.device)).float().cpu()
-        orig, masked = feats[:b], feats[b:].view(b, m, -1)
-        probs = rid_predict(self.rid, masked, orig).numpy()
-        choice = probs.argmax(1)
-        per_method = {}
-        for method, enc in self.encoders.items():
-            inp = variants[torch.arange(b), torch.from_numpy(choice)] if USES_ER[method] else x
-            h, z = enc(inp.to(self.device))
-            f = (z if self.cfg.detector.features == "projection" else h).float().cpu().numpy()
-            det = self.detectors[method]
-            s = det.score(f)
-            per_method[method] = (s, det.percentile(s), float(np.percentile(det.train_scores_, 95)))
-        out = []
-        for i in range(b):
-            out.append({
-                "variants": [_to_pil(v) for v in variants[i]],
-                "rid_probs": probs[i],
-                "rid_choice": int(choice[i]),
-                "masked_image": _to_pil(variants[i, choice[i]]),
-                "image": _to_pil(x[i]),
-                "scores": {k: float(v[0][i]) for k, v in per_method.items()},
-                "percentiles": {k: float(v[1][i]) for k, v in per_method.items()},
-                "thresholds": {k: v[2] for k, v in per_method.items()},
-            })
-        return out
+        return feats[:b], feats[b:].view(b, m, -1)
 
-    def explain(self, image) -> dict:
-        return self.explain_many([image])[0]
-
-    def score(self, images: list, method: str = "cmg") -> np.ndarray:
-        if method not in self.encoders:
-            raise DataError(f"run {self.run.path} has no method {method!r}; it has {self.methods}")
-        return np.array([r["scores"][method] for r in self.explain_many(images)])
+    def _detector_features(self, method, x, variants, choice, orig, masked):
+        inp = variants[torch.arange(len(x)), torch.from_numpy(choice)] if USES_ER[method] else x
+        h, z = self.encoders[method](inp.to(self.device))
+        return (z if self.cfg.detector.features == "projection" else h).float().cpu().numpy()

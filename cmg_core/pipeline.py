@@ -270,19 +270,32 @@ class Pipeline:
             for i, method in enumerate(self.cfg.train.methods):
                 self.progress("methods", i, len(self.cfg.train.methods), method)
                 results[method] = self.train_method(method)
-            write_csv(self.run_dir / "scores.csv", pd.DataFrame(
-                {"row": np.arange(len(self.rows)), "role": self.roles, "is_anomaly": self.is_anomaly,
-                 **{f"score_{m}": r["scores"] for m, r in results.items()}}))
-            write_json(self.run_dir / "metrics.json", {m: r["metrics"] for m, r in results.items()})
-            self.w.update_info(status="done", finished=time.time(), wall_time_s=time.time() - t0)
-            self.progress("done", 1, 1)
-            self.log(f"done in {time.time() - t0:.1f} s")
+            finish_run(self, results, t0)
         except BaseException as exc:
-            self.w.update_info(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
-                               error=f"{exc.__class__.__name__}: {exc}")
-            self.log(f"stopped: {exc.__class__.__name__}: {exc}")
+            mark_stopped(self, exc)
             raise
         return self.run_dir
+
+
+def finish_run(run, results: dict, t0: float) -> None:
+    """Write scores.csv and metrics.json of a finished run and mark it done (both profiles).
+
+    `run` has run_dir, rows, roles, is_anomaly, w (RunWriter), progress() and log(); `results` maps each method
+    to {"scores": (R,), "metrics": {...}}."""
+    write_csv(run.run_dir / "scores.csv", pd.DataFrame(
+        {"row": np.arange(len(run.rows)), "role": run.roles, "is_anomaly": run.is_anomaly,
+         **{f"score_{m}": r["scores"] for m, r in results.items()}}))
+    write_json(run.run_dir / "metrics.json", {m: r["metrics"] for m, r in results.items()})
+    run.w.update_info(status="done", finished=time.time(), wall_time_s=time.time() - t0)
+    run.progress("done", 1, 1)
+    run.log(f"done in {time.time() - t0:.1f} s")
+
+
+def mark_stopped(run, exc: BaseException) -> None:
+    """Record why a run stopped (failed, or interrupted by the user) in run.json and the log."""
+    run.w.update_info(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                      error=f"{exc.__class__.__name__}: {exc}")
+    run.log(f"stopped: {exc.__class__.__name__}: {exc}")
 
 
 def train_run(cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False) -> Path:

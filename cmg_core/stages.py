@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from .config import CMERConfig, CMLEConfig, E1Config, E2Config, ModelConfig
+from .config import CMERConfig, E1Config, E2Config, ModelConfig
 from .losses import (duplicate_caption_mask, image_text_contrastive_loss, lle_reconstruction_loss, matching_score,
                      mse_distillation_loss, nt_xent_loss, rid_accuracy, rid_loss)
 from .models import RID, E2Head, ImageHead, TextProjection

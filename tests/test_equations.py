@@ -3,7 +3,6 @@ numpy references (explicit loops and formulas, never the implementation under te
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
