@@ -84,7 +84,14 @@ class Trunk:
 
     @property
     def feature_dim(self) -> int:
-        return int(getattr(self.model, "num_features", 0) or self.model(torch.zeros(1, 3, 32, 32, device=self.device)).shape[1])
+        """F of the pooled features (timm models report it; torchvision ResNets are probed once)."""
+        if not hasattr(self, "_dim"):
+            dim = getattr(self.model, "num_features", 0)
+            if not dim:
+                with torch.inference_mode():
+                    dim = self.model(torch.zeros(1, 3, 32, 32, device=self.device)).shape[1]
+            self._dim = int(dim)
+        return self._dim
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -153,7 +160,6 @@ def augmented_view_features(paths: Sequence[Path], mask_index: np.ndarray | None
 
     With `mask_index` (N,) the image is first masked with that region (CMER's choice); -1 or None = no mask.
     """
-    gen = torch.Generator().manual_seed(seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # torchvision v2 draws from the global generator
     aug = simclr_augment(size)
@@ -174,6 +180,5 @@ def augmented_view_features(paths: Sequence[Path], mask_index: np.ndarray | None
             if progress:
                 progress("augmented views", min(start + batch_size, n), n)
     finally:
-        torch.random.set_rng_state(torch_state)
-    del gen
+        torch.random.set_rng_state(torch_state)  # leave the caller's RNG stream untouched
     return np.concatenate(out)
