@@ -173,6 +173,26 @@ class PaperRun(PaperE2Mixin):
         if self.world > 1:
             self.log(f"shards {stage} epoch {epoch}: " + json.dumps({str(r): s for r, s in enumerate(shards)}))
 
+    def _optimizer_and_resume(self, model: nn.Module, weights: nn.Module, stage_cfg, ckpt: Path, stage: str,
+                              method: str | None, label: str):
+        """AdamW + cosine schedule + AMP scaler for a stage; resumed from `ckpt` when it exists (weights into
+        `weights`). History records after the checkpoint's epoch are dropped. Returns (opt, sched, scaler, start)."""
+        opt = torch.optim.AdamW(model.parameters(), lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(stage_cfg.epochs, 1))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        start = 0
+        if self._exists(ckpt):
+            state = torch.load(ckpt, map_location=self.device, weights_only=False)
+            weights.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start = int(state["epoch"])
+            self.log(f"{label}: resuming after epoch {start}")
+        self.w.clear_history(stage, method, after_epoch=start)  # records after the checkpoint are re-run
+        return opt, sched, scaler, start
+
     def _epoch_done(self, label: str, total: int, rec: dict) -> None:
         self.w.history(**rec)
         self.progress(label + (f" ({rec['method']})" if rec.get("method") else ""), rec["epoch"], total,
@@ -255,22 +275,7 @@ class PaperRun(PaperE2Mixin):
             return
         model = self._sync_bn(model)
         ddp = self._ddp(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.e1.lr, weight_decay=cfg.e1.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.e1.epochs, 1))
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        start = 0
-        if self._exists(ckpt):
-            state = torch.load(ckpt, map_location=self.device, weights_only=False)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start = int(state["epoch"])
-            self.w.clear_history("e1", None, after_epoch=start)  # records after the checkpoint are re-run
-            self.log(f"E1: resuming after epoch {start}")
-        else:
-            self.w.clear_history("e1")
+        opt, sched, scaler, start = self._optimizer_and_resume(model, model, cfg.e1, ckpt, "e1", None, "E1")
         sampler = self._sampler(n, self._stage_seed(1))
         per_rank = max(2, cfg.e1.batch_size // self.world)
         c = self.captions.shape[1]

@@ -150,22 +150,8 @@ class PaperE2Mixin:
         model = self._sync_bn(_E2Train(enc))
         enc = model.enc
         ddp = self._ddp(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.e2.lr, weight_decay=cfg.e2.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.e2.epochs, 1))
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        start = 0
-        if self._exists(ckpt):
-            state = torch.load(ckpt, map_location=self.device, weights_only=False)
-            enc.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start = int(state["epoch"])
-            self.w.clear_history("e2", method, after_epoch=start)  # records after the checkpoint are re-run
-            self.log(f"E2 ({method}): resuming after epoch {start}")
-        else:
-            self.w.clear_history("e2", method)
+        opt, sched, scaler, start = self._optimizer_and_resume(model, enc, cfg.e2, ckpt, "e2", method,
+                                                               f"E2 ({method})")
         w = self._lle_weights() if le else None
         per_rank = max(2, cfg.e2.batch_size // self.world)
         n_seed = 0
