@@ -65,6 +65,10 @@ class CMERConfig:
     n_regions: int = 4  # M, a square number (4 = 2x2, 9 = 3x3 ...)
     mask: str = "hard"  # hard: region set to 0; soft: region multiplied by soft_value
     soft_value: float = 0.1
+    # cpu profile: where a mask acts. pixel: the frozen trunk sees the masked image (paper; the trunk was never
+    # trained on masked images, so it reacts to the mask's artificial edges); feature: one trunk pass, the
+    # region's cells are left out of the global average pool (cmg_core.features.masked_average_pool)
+    apply: str = "pixel"
     caption_reduce: str = "mean"  # matching score vs the image's captions: mean | max
     rid_hidden: tuple = (512, 256, 128)
     rid_epochs: int = 40
@@ -161,6 +165,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"cmer.mask={cfg.cmer.mask!r}; expected 'hard' or 'soft'")
     if not 0.0 <= cfg.cmer.soft_value < 1.0:
         raise ConfigError(f"cmer.soft_value={cfg.cmer.soft_value}; expected a value in [0, 1)")
+    if cfg.cmer.apply not in ("pixel", "feature"):
+        raise ConfigError(f"cmer.apply={cfg.cmer.apply!r}; expected 'pixel' or 'feature'")
+    if cfg.cmer.apply == "feature" and cfg.model.profile == "paper":
+        raise ConfigError("cmer.apply=feature is for the cpu profile (a frozen trunk); the paper profile trains "
+                          "its encoder on pixel-masked images: use cmer.apply: pixel")
     if cfg.cmer.caption_reduce not in ("mean", "max"):
         raise ConfigError(f"cmer.caption_reduce={cfg.cmer.caption_reduce!r}; expected 'mean' or 'max'")
     if cfg.cmle.n_clusters < 1:

@@ -14,9 +14,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data.images import load_rgb
+from .errors import ConfigError
 from .masks import apply_masks, grid_masks
 from .utils import atomic_path, cache_dir
 
@@ -44,6 +46,30 @@ def masked_variants(images: torch.Tensor, n_regions: int, mode: str, soft_value:
     """(B, 3, H, W) float images in [0,1] -> (B, M, 3, H, W): region m set to 0 (hard) or scaled (soft)."""
     masks = grid_masks(images.shape[-2], images.shape[-1], n_regions, mode=mode, soft_value=soft_value)
     return apply_masks(images, masks.to(images.device))
+
+
+def masked_average_pool(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of a trunk's feature maps with image-space masks (feature-space masking).
+
+    maps (B, C, h, w); masks (B, K, 1, H, W) or (K, 1, H, W) in [0, 1] (1 = keep; the same masks as
+    pixel masking). Each map cell is weighted by the mean mask value over the image area it pools
+    (`adaptive_avg_pool2d` of the mask to h x w), so a hard-masked region's cells drop out and a soft one's
+    are scaled by `soft_value`. Returns (B, K, C) = sum(w * maps) / sum(w). An all-ones mask gives the
+    ordinary average pool.
+    """
+    if maps.dim() != 4:
+        raise ConfigError(f"feature maps must be (B, C, h, w), got {tuple(maps.shape)}")
+    if masks.dim() == 4:
+        masks = masks.unsqueeze(0).expand(maps.shape[0], *masks.shape)
+    if masks.dim() != 5 or masks.shape[0] != maps.shape[0] or masks.shape[2] != 1:
+        raise ConfigError(f"masks must be (B, K, 1, H, W) or (K, 1, H, W) for maps {tuple(maps.shape)}, "
+                          f"got {tuple(masks.shape)}")
+    b, k = masks.shape[:2]
+    h, w = maps.shape[-2:]
+    weights = F.adaptive_avg_pool2d(masks.reshape(b * k, 1, *masks.shape[-2:]).to(maps.dtype), (h, w))
+    weights = weights.view(b, k, 1, h, w)
+    num = (maps.unsqueeze(1) * weights).sum((-2, -1))  # (B, K, C)
+    return num / weights.sum((-2, -1)).clamp_min(1e-6)
 
 
 def simclr_augment(size: int, strength: float = 1.0):
@@ -105,6 +131,49 @@ class Trunk:
                 outs.append(self.model(x).float().cpu())
         return torch.cat(outs) if outs else torch.zeros(0, self.feature_dim)
 
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if hasattr(m, "forward_features"):  # timm models: everything before global pooling
+            return m.forward_features(x)
+        if hasattr(m, "layer4"):  # torchvision ResNets
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        raise ConfigError(f"backbone {self.name!r} does not expose feature maps; use cmer.apply: pixel")
+
+    @torch.inference_mode()
+    def feature_maps(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(N, 3, H, W) float images in [0,1] -> (N, F, h, w) float32 maps before global pooling (on CPU).
+
+        Their average over (h, w) is what `__call__` returns."""
+        outs = []
+        use_bf16 = self.precision == "bf16"
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(self.device)
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                outs.append(self._maps(x).float().cpu().contiguous())
+        return torch.cat(outs)
+
+    def masked_features(self, images: torch.Tensor, masks: torch.Tensor, apply: str = "pixel",
+                        batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of images and of each masked variant: (N, 3, H, W), masks (M, 1, H, W) or (N, M, 1, H, W)
+        -> (orig (N, F), masked (N, M, F)).
+
+        apply="pixel": the trunk sees the masked images (one pass per variant). apply="feature": one pass per
+        image; the mask removes the region's cells from the global average pool (`masked_average_pool`),
+        so the trunk never sees the artificial edges a pixel mask creates.
+        """
+        if apply == "feature":
+            maps = self.feature_maps(images, batch_size)
+            return maps.mean((-2, -1)), masked_average_pool(maps, masks)
+        if apply != "pixel":
+            raise ConfigError(f"cmer.apply={apply!r}; expected 'pixel' or 'feature'")
+        b = images.shape[0]
+        m = masks.shape[-4]
+        variants = images.unsqueeze(1) * masks.to(images.dtype)  # (N, M, 3, H, W)
+        feats = self(torch.cat([images, variants.flatten(0, 1)]), batch_size)  # one batched pass
+        return feats[:b], feats[b:].view(b, m, -1)
+
 
 def feature_cache_key(**parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -122,27 +191,30 @@ def dataset_fingerprint(paths: Sequence[Path]) -> str:
 
 def cached_mask_features(paths: Sequence[Path], trunk: Trunk, size: int, n_regions: int, mode: str,
                          soft_value: float, batch_size: int = 32, progress: ProgressFn | None = None,
-                         use_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Trunk features of each image and of each of its M masked variants.
+                         use_cache: bool = True, apply: str = "pixel") -> tuple[np.ndarray, np.ndarray]:
+    """Trunk features of each image and of each of its M masked variants (`apply`: see
+    `Trunk.masked_features`).
 
     Returns (orig (N, F), masked (N, M, F)) float32. Cached by dataset fingerprint + settings; the cache
     file is written atomically, so an interrupted computation leaves nothing behind.
     """
-    key = feature_cache_key(data=dataset_fingerprint(paths), size=size, trunk=trunk.name, precision=trunk.precision,
-                            m=n_regions, mode=mode, soft=soft_value if mode == "soft" else None)
+    parts = dict(data=dataset_fingerprint(paths), size=size, trunk=trunk.name, precision=trunk.precision,
+                 m=n_regions, mode=mode, soft=soft_value if mode == "soft" else None)
+    if apply != "pixel":  # pixel-mode keys stay as they were: existing caches remain valid
+        parts["apply"] = apply
+    key = feature_cache_key(**parts)
     path = cache_dir("features") / f"{key}.npz"
     if use_cache and path.is_file():
         with np.load(path) as z:
             return z["orig"], z["masked"]
     orig_parts, masked_parts = [], []
     n = len(paths)
+    masks = grid_masks(size, size, n_regions, mode=mode, soft_value=soft_value)
     for start in range(0, n, batch_size):
         imgs = to_float(images_to_tensor(paths[start : start + batch_size], size))
-        variants = masked_variants(imgs, n_regions, mode, soft_value)  # (b, M, 3, H, W)
-        b = imgs.shape[0]
-        feats = trunk(torch.cat([imgs, variants.flatten(0, 1)]))  # one batched pass over all M variants
-        orig_parts.append(feats[:b].numpy())
-        masked_parts.append(feats[b:].view(b, n_regions, -1).numpy())
+        orig, masked = trunk.masked_features(imgs, masks, apply)
+        orig_parts.append(orig.numpy())
+        masked_parts.append(masked.numpy())
         if progress:
             progress("trunk features", min(start + batch_size, n), n)
     orig, masked = np.concatenate(orig_parts), np.concatenate(masked_parts)
@@ -155,11 +227,16 @@ def cached_mask_features(paths: Sequence[Path], trunk: Trunk, size: int, n_regio
 
 def augmented_view_features(paths: Sequence[Path], mask_index: np.ndarray | None, trunk: Trunk, size: int,
                             n_regions: int, mode: str, soft_value: float, n_views: int, seed: int,
-                            batch_size: int = 32, progress: ProgressFn | None = None) -> np.ndarray:
+                            batch_size: int = 32, progress: ProgressFn | None = None,
+                            apply: str = "pixel") -> np.ndarray:
     """(N, V, F) trunk features of V SimCLR-augmented views of each image.
 
-    With `mask_index` (N,) the image is first masked with that region (CMER's choice); -1 or None = no mask.
+    With `mask_index` (N,) the image is masked with that region (CMER's choice); -1 or None = no mask.
+    apply="pixel" masks the image before augmenting it; apply="feature" augments image and mask together
+    (same crop and flip) and drops the masked region from the pool of the view's feature maps.
     """
+    from torchvision import tv_tensors
+
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # torchvision v2 draws from the global generator
     aug = simclr_augment(size)
@@ -169,13 +246,24 @@ def augmented_view_features(paths: Sequence[Path], mask_index: np.ndarray | None
     try:
         for start in range(0, n, batch_size):
             imgs = to_float(images_to_tensor(paths[start : start + batch_size], size))
+            chosen = None
             if mask_index is not None:
                 idx = torch.as_tensor(mask_index[start : start + batch_size])
                 chosen = masks[idx.clamp(min=0)]  # (b, 1, H, W)
                 chosen[idx < 0] = 1.0
-                imgs = imgs * chosen
-            views = torch.stack([torch.stack([aug(im) for im in imgs]) for _ in range(n_views)], dim=1)
-            feats = trunk(views.flatten(0, 1)).view(len(imgs), n_views, -1)
+            if chosen is not None and apply == "feature":
+                pairs = [[aug(tv_tensors.Image(im), tv_tensors.Mask(mk)) for im, mk in zip(imgs, chosen)]
+                         for _ in range(n_views)]  # (V, b) pairs of (view, its mask)
+                views = torch.stack([torch.stack([p[0] for p in row]) for row in pairs], dim=1)
+                view_masks = torch.stack([torch.stack([p[1] for p in row]) for row in pairs], dim=1)
+                maps = trunk.feature_maps(views.flatten(0, 1).as_subclass(torch.Tensor))
+                feats = masked_average_pool(maps, view_masks.flatten(0, 1).as_subclass(torch.Tensor).unsqueeze(1))
+                feats = feats.view(len(imgs), n_views, -1)
+            else:
+                if chosen is not None:
+                    imgs = imgs * chosen
+                views = torch.stack([torch.stack([aug(im) for im in imgs]) for _ in range(n_views)], dim=1)
+                feats = trunk(views.flatten(0, 1)).view(len(imgs), n_views, -1)
             out.append(feats.numpy())
             if progress:
                 progress("augmented views", min(start + batch_size, n), n)

@@ -122,7 +122,8 @@ class Pipeline:
                                  precision="bf16" if cfg.model.trunk_precision == "bf16" else "fp32",
                                  weights=cfg.model.backbone_weights, cifar_stem=cfg.model.cifar_stem)
         orig, masked = cached_mask_features(self.ds.paths, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
-                                            cfg.cmer.mask, cfg.cmer.soft_value, progress=self.progress)
+                                            cfg.cmer.mask, cfg.cmer.soft_value, progress=self.progress,
+                                            apply=cfg.cmer.apply)
         self.orig = torch.from_numpy(orig[self.rows])
         self.masked = torch.from_numpy(masked[self.rows])
         self.log(f"features: {tuple(self.orig.shape)} images, {tuple(self.masked.shape)} masked variants")
@@ -195,7 +196,8 @@ class Pipeline:
         paths = [self.ds[i].path for i in self.rows[: self.n_train]]
         views = augmented_view_features(paths, self.cmer_label[: self.n_train] if er else None, self.trunk,
                                         cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value,
-                                        cfg.e2.n_views, self._stage_seed(3), progress=self.progress)
+                                        cfg.e2.n_views, self._stage_seed(3), progress=self.progress,
+                                        apply=cfg.cmer.apply)
         write_npy(path, views)
         return torch.from_numpy(views)
 

@@ -15,6 +15,7 @@ from .data.images import open_image
 from .detector import MahalanobisDetector
 from .errors import DataError
 from .features import Trunk, images_to_tensor, masked_variants, to_float
+from .masks import grid_masks
 from .models import RID, E2Head
 from .pipeline import USES_ER
 from .runs import Run, method_slug
@@ -88,9 +89,10 @@ class Predictor(BasePredictor):
 
     def __init__(self, run: Run, trunk: Trunk, rid: RID, heads: dict[str, E2Head],
                  detectors: dict[str, MahalanobisDetector], image_size: int, n_regions: int, mask: str,
-                 soft_value: float):
+                 soft_value: float, apply: str = "pixel"):
         self.run, self.trunk, self.rid, self.heads, self.detectors = run, trunk, rid, heads, detectors
         self.image_size, self.n_regions, self.mask, self.soft_value = image_size, n_regions, mask, soft_value
+        self.apply = apply
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
@@ -116,12 +118,11 @@ class Predictor(BasePredictor):
             heads[method] = head.eval()
             dets[method] = MahalanobisDetector.from_state_dict(state["detector"])
         return cls(run, trunk, rid.eval(), heads, dets, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
-                   cfg.cmer.soft_value)
+                   cfg.cmer.soft_value, cfg.cmer.apply)
 
     def _rid_inputs(self, x, variants):
-        b, m = variants.shape[:2]
-        feats = self.trunk(torch.cat([x, variants.flatten(0, 1)]))  # one batched pass over all variants
-        return feats[:b], feats[b:].view(b, m, -1)
+        masks = grid_masks(x.shape[-2], x.shape[-1], self.n_regions, self.mask, self.soft_value)
+        return self.trunk.masked_features(x, masks, self.apply)  # as the run's training features were made
 
     def _detector_features(self, method, x, variants, choice, orig, masked):
         f = masked[torch.arange(len(x)), torch.from_numpy(choice)] if USES_ER[method] else orig

@@ -403,3 +403,30 @@ def test_mean_ci():
     assert metrics.mean_ci([3.0]) == (3.0, 0.0)
     m90, h90 = metrics.mean_ci(v, confidence=0.9)
     assert h90 == pytest.approx(stats.t.ppf(0.95, 3) * sd / 2) and h90 < h
+
+
+def test_masked_average_pool_matches_numpy_reference():
+    """Feature-space masking: each map cell weighted by the mean mask value over the pixels it pools."""
+    from cmg_core.features import masked_average_pool
+
+    maps = RNG.normal(size=(2, 5, 4, 4))
+    # hard 2x2 grid on 8x8 px, 4x4 maps: each region covers exactly a 2x2 block of cells, which drops out
+    out = masked_average_pool(_t(maps), masks.grid_masks(8, 8, 4)).numpy()
+    assert out.shape == (2, 4, 5)
+    for m in range(4):
+        keep = np.ones((4, 4), bool)
+        r0, c0 = 2 * (m // 2), 2 * (m % 2)
+        keep[r0 : r0 + 2, c0 : c0 + 2] = False
+        np.testing.assert_allclose(out[:, m], maps[:, :, keep].mean(-1), rtol=1e-5, atol=1e-6)
+    # soft 3x3 grid on 12x12 px, 4x4 maps: fractional overlaps (a cell is 3x3 px, a region 4x4 px)
+    mk = masks.grid_masks(12, 12, 9, mode="soft", soft_value=0.1)
+    out = masked_average_pool(_t(maps), mk).numpy()
+    for m in range(9):
+        w = mk[m, 0].numpy().reshape(4, 3, 4, 3).mean((1, 3))  # mean mask value per cell
+        ref = (maps * w).sum((-2, -1)) / w.sum()
+        np.testing.assert_allclose(out[:, m], ref, rtol=1e-5, atol=1e-6)
+    # no mask = the ordinary average pool
+    ones = torch.ones(1, 1, 8, 8)
+    np.testing.assert_allclose(masked_average_pool(_t(maps), ones).numpy()[:, 0], maps.mean((-2, -1)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError):
+        masked_average_pool(_t(maps[0]), ones)

@@ -139,3 +139,24 @@ def test_e1_and_rid_resume_from_epoch_checkpoints(tmp_path, stage, stop_at, tota
     assert [d for s, d in seen if s == stage] == list(range(stop_at + 1, total + 1))  # continued, not restarted
     hist = Run.open(tmp_path / "r").history()
     assert sorted(hist[hist.stage == stage.lower()].epoch) == list(range(1, total + 1))  # each epoch once
+
+
+def test_feature_space_masking_run_and_predictor_agree(tmp_path):
+    """cmer.apply=feature: a full run, and the Predictor (new images, no captions) reproduces the run's own
+    RID choices and scores, so uploads are masked and scored exactly as the training/test images were."""
+    from cmg_core.predict import Predictor
+
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=f", *SMALL, "cmer.apply=feature",
+                                                 "train.methods=[ssd+er, cmg]"])
+    run = Run.open(train_run(cfg))
+    assert run.status == "done"
+    images, scores, cmer = run.images(), run.scores(), run.cmer()
+    test = np.flatnonzero((images.role == "test").values)[:6]
+    pred = Predictor.load(run.path)
+    res = pred.explain_many(list(images.path.values[test]))
+    assert [r["rid_choice"] for r in res] == list(cmer.rid_choice.values[test])
+    for m in ("ssd+er", "cmg"):
+        got = np.array([r["scores"][m] for r in res])
+        np.testing.assert_allclose(got, scores[f"score_{m}"].values[test], rtol=2e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="cmer.apply"):
+        load_config("configs/synthetic.yaml", ["cmer.apply=blur"])
