@@ -194,6 +194,12 @@ class RunData:
         return str(self.info.get("mask_mode") or self.info.get("mask") or self._cfg("cmer", "mask", "hard"))
 
     @property
+    def mask_apply(self) -> str:
+        """Where the run's masks act: pixel (the encoder sees the masked image) or feature (the region's cells
+        are left out of the trunk's pooling); recorded in run.json, runs made before the option used pixel."""
+        return str(self.info.get("mask_apply") or "pixel")
+
+    @property
     def soft_value(self) -> float:
         return float(self.info.get("soft_value") or self._cfg("cmer", "soft_value", 0.1))
 

@@ -65,10 +65,11 @@ class CMERConfig:
     n_regions: int = 4  # M, a square number (4 = 2x2, 9 = 3x3 ...)
     mask: str = "hard"  # hard: region set to 0; soft: region multiplied by soft_value
     soft_value: float = 0.1
-    # cpu profile: where a mask acts. pixel: the frozen trunk sees the masked image (paper; the trunk was never
-    # trained on masked images, so it reacts to the mask's artificial edges); feature: one trunk pass, the
-    # region's cells are left out of the global average pool (cmg_core.features.masked_average_pool)
-    apply: str = "pixel"
+    # where a mask acts. pixel: the encoder sees the masked image (the paper; the paper profile's encoder is
+    # trained on such images); feature: one frozen-trunk pass, the region's cells are left out of the global
+    # average pool (cmg_core.features.masked_average_pool), so the frozen trunk never sees the mask's
+    # artificial edges; auto: feature for the cpu profile, pixel for the paper profile
+    apply: str = "auto"
     caption_reduce: str = "mean"  # matching score vs the image's captions: mean | max
     rid_hidden: tuple = (512, 256, 128)
     rid_epochs: int = 40
@@ -165,8 +166,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"cmer.mask={cfg.cmer.mask!r}; expected 'hard' or 'soft'")
     if not 0.0 <= cfg.cmer.soft_value < 1.0:
         raise ConfigError(f"cmer.soft_value={cfg.cmer.soft_value}; expected a value in [0, 1)")
-    if cfg.cmer.apply not in ("pixel", "feature"):
-        raise ConfigError(f"cmer.apply={cfg.cmer.apply!r}; expected 'pixel' or 'feature'")
+    if cfg.cmer.apply not in ("auto", "pixel", "feature"):
+        raise ConfigError(f"cmer.apply={cfg.cmer.apply!r}; expected 'auto', 'pixel' or 'feature'")
     if cfg.cmer.apply == "feature" and cfg.model.profile == "paper":
         raise ConfigError("cmer.apply=feature is for the cpu profile (a frozen trunk); the paper profile trains "
                           "its encoder on pixel-masked images: use cmer.apply: pixel")
@@ -184,6 +185,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"detector.n_clusters={cfg.detector.n_clusters}; expected >= 1")
     if cfg.task.normal_classes is not None and cfg.task.n_normal is not None:
         raise ConfigError("task: give normal_classes or n_normal, not both")
+
+
+def mask_apply(cfg: RunConfig) -> str:
+    """Where CMER/RID masks act for this run: `cmer.apply` with `auto` resolved (cpu: feature, paper: pixel)."""
+    if cfg.cmer.apply == "auto":
+        return "feature" if cfg.model.profile == "cpu" else "pixel"
+    return cfg.cmer.apply
 
 
 # --- dict / YAML conversion -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .analysis import dcor_matrix, embed_2d
-from .config import RunConfig
+from .config import RunConfig, mask_apply
 from .data import load_dataset
 from .encoders import TextEncoder
 from .features import Trunk, cached_mask_features, images_to_tensor, masked_variants, to_float
@@ -126,7 +126,7 @@ def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_run
     trunk = Trunk.build(cfg.model.backbone, cfg.model.pretrained, device, precision=cfg.model.trunk_precision,
                         weights=cfg.model.backbone_weights, cifar_stem=cfg.model.cifar_stem)
     orig, _ = cached_mask_features(ds.paths, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
-                                   cfg.cmer.soft_value, apply=cfg.cmer.apply)
+                                   cfg.cmer.soft_value, apply=mask_apply(cfg))
     text = mean_caption_embedding(caption_tensor(ds, np.arange(len(ds)), TextEncoder(cfg.model.text_model))).numpy()
     write_json(out / "fig1.json", modality_structure(orig, text, ds.labels, seed=cfg.train.seed))
     log("analysis: fig1 (modality structure) written")

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from .cmle import cmle_weights, fit_caption_clusters
-from .config import RunConfig, load_config, save_config, to_dict
+from .config import RunConfig, load_config, mask_apply, save_config, to_dict
 from .data import load_dataset, make_task
 from .detector import MahalanobisDetector
 from .encoders import TextEncoder
@@ -102,7 +102,8 @@ class Pipeline:
         self.w.update_info(name=cfg.name, status="running", created=time.time(), profile=cfg.model.profile,
                            methods=list(cfg.train.methods), dataset={"name": cfg.data.name, "root": cfg.data.root},
                            class_names=self.ds.class_names, normal_classes=list(t.normal_classes),
-                           n_regions=cfg.cmer.n_regions, mask=cfg.cmer.mask, image_size=cfg.data.image_size,
+                           n_regions=cfg.cmer.n_regions, mask=cfg.cmer.mask, mask_apply=mask_apply(cfg),
+                           image_size=cfg.data.image_size,
                            device=str(self.device), host=platform.node(), error=None)
         items = [self.ds[i] for i in self.rows]
         write_csv(self.run_dir / "images.csv", pd.DataFrame({
@@ -123,7 +124,7 @@ class Pipeline:
                                  weights=cfg.model.backbone_weights, cifar_stem=cfg.model.cifar_stem)
         orig, masked = cached_mask_features(self.ds.paths, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
                                             cfg.cmer.mask, cfg.cmer.soft_value, progress=self.progress,
-                                            apply=cfg.cmer.apply)
+                                            apply=mask_apply(cfg))
         self.orig = torch.from_numpy(orig[self.rows])
         self.masked = torch.from_numpy(masked[self.rows])
         self.log(f"features: {tuple(self.orig.shape)} images, {tuple(self.masked.shape)} masked variants")
@@ -197,7 +198,7 @@ class Pipeline:
         views = augmented_view_features(paths, self.cmer_label[: self.n_train] if er else None, self.trunk,
                                         cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value,
                                         cfg.e2.n_views, self._stage_seed(3), progress=self.progress,
-                                        apply=cfg.cmer.apply)
+                                        apply=mask_apply(cfg))
         write_npy(path, views)
         return torch.from_numpy(views)
 

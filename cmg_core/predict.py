@@ -118,7 +118,7 @@ class Predictor(BasePredictor):
             heads[method] = head.eval()
             dets[method] = MahalanobisDetector.from_state_dict(state["detector"])
         return cls(run, trunk, rid.eval(), heads, dets, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
-                   cfg.cmer.soft_value, cfg.cmer.apply)
+                   cfg.cmer.soft_value, run.info.get("mask_apply", "pixel"))  # as recorded; older runs: pixel
 
     def _rid_inputs(self, x, variants):
         masks = grid_masks(x.shape[-2], x.shape[-1], self.n_regions, self.mask, self.soft_value)

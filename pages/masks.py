@@ -98,6 +98,9 @@ def render() -> None:
     size = run.image_size
     arr = run.image_array(r["path"], size)
     variants = masked_variants(arr, m, run.mask_mode, run.soft_value)
+    if run.mask_apply == "feature":
+        st.caption("This run masks in feature space (`cmer.apply`): the trunk sees the whole image and the region's "
+                   "feature-map cells are left out of its pooling. The masked pictures show which region that is.")
     left, right = st.columns([1, 3])
     with left:
         st.image(arr, caption="original", width="stretch")

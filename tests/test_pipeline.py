@@ -18,8 +18,17 @@ SMALL = ["data.options={n_per_class: 40, classes: 5}", "task.normal_classes=[cir
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
+    """Default settings: the cpu profile masks in feature space (cmer.apply: auto -> feature)."""
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("configs/synthetic.yaml", [f"out_dir={out}", "name=small", *SMALL])
+    return Run.open(train_run(cfg))
+
+
+@pytest.fixture(scope="module")
+def small_pixel_run(tmp_path_factory):
+    """The same run with pixel masking (the paper's; the trunk sees the masked image)."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={out}", "name=small_pixel", *SMALL, "cmer.apply=pixel"])
     return Run.open(train_run(cfg))
 
 
@@ -41,8 +50,13 @@ def test_run_folder_is_complete(small_run):
     assert (hist[hist.stage == "e2"].groupby("method").epoch.max() == 3).all()
 
 
-def test_cmer_and_rid_find_background(small_run):
-    """CMER (with captions) and RID (without) mask background-only regions far more often than chance."""
+@pytest.mark.parametrize("fixture, margin, rid_margin", [("small_run", 0.15, 0.05), ("small_pixel_run", 0.25, 0.15)])
+def test_cmer_and_rid_find_background(request, fixture, margin, rid_margin):
+    """CMER (with captions) and RID (without) mask background-only regions far more often than chance.
+    Pixel masks are exact; a feature-map cell also sees pixels outside its region (receptive field), so
+    feature-space masking is a coarser mask: measured CMER hits 100 % (pixel) vs 86 % (feature) at 64 %
+    chance, RID validation accuracy 0.40-0.63 (pixel) vs 0.32 (feature) at chance 0.25."""
+    small_run = request.getfixturevalue(fixture)
     cfg = small_run.config()
     ds = load_dataset("synthetic", **cfg.data.options)
     images, cmer = small_run.images(), small_run.cmer()
@@ -53,10 +67,10 @@ def test_cmer_and_rid_find_background(small_run):
     chance = background[train].mean()
     cmer_hits = background[rows, cmer.cmer_label.values][train].mean()
     rid_hits_test = background[rows, cmer.rid_choice.values][~train].mean()
-    assert cmer_hits > chance + 0.25, (cmer_hits, chance)
+    assert cmer_hits > chance + margin, (cmer_hits, chance)
     assert rid_hits_test > background[~train].mean() + 0.1, rid_hits_test  # held-out images, no captions
     rid = small_run.history().query("stage == 'rid'")
-    assert rid.val_acc.iloc[-1] > 1 / 4 + 0.15, rid.val_acc.iloc[-1]  # well above chance 1/M
+    assert rid.val_acc.iloc[-1] > 1 / 4 + rid_margin, rid.val_acc.iloc[-1]  # above chance 1/M
 
 
 def test_explain_and_cli(small_run, capsys, tmp_path):
@@ -141,15 +155,13 @@ def test_e1_and_rid_resume_from_epoch_checkpoints(tmp_path, stage, stop_at, tota
     assert sorted(hist[hist.stage == stage.lower()].epoch) == list(range(1, total + 1))  # each epoch once
 
 
-def test_feature_space_masking_run_and_predictor_agree(tmp_path):
-    """cmer.apply=feature: a full run, and the Predictor (new images, no captions) reproduces the run's own
+@pytest.mark.parametrize("fixture", ["small_run", "small_pixel_run"])
+def test_run_and_predictor_agree(request, fixture):
+    """For both mask placements (cmer.apply), the Predictor (new images, no captions) reproduces the run's own
     RID choices and scores, so uploads are masked and scored exactly as the training/test images were."""
     from cmg_core.predict import Predictor
 
-    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=f", *SMALL, "cmer.apply=feature",
-                                                 "train.methods=[ssd+er, cmg]"])
-    run = Run.open(train_run(cfg))
-    assert run.status == "done"
+    run = request.getfixturevalue(fixture)
     images, scores, cmer = run.images(), run.scores(), run.cmer()
     test = np.flatnonzero((images.role == "test").values)[:6]
     pred = Predictor.load(run.path)
@@ -158,5 +170,15 @@ def test_feature_space_masking_run_and_predictor_agree(tmp_path):
     for m in ("ssd+er", "cmg"):
         got = np.array([r["scores"][m] for r in res])
         np.testing.assert_allclose(got, scores[f"score_{m}"].values[test], rtol=2e-3, atol=1e-3)
+
+
+def test_mask_apply_option():
     with pytest.raises(ConfigError, match="cmer.apply"):
         load_config("configs/synthetic.yaml", ["cmer.apply=blur"])
+    with pytest.raises(ConfigError, match="cmer.apply=feature"):
+        load_config("configs/synthetic.yaml", ["model.profile=paper", "cmer.apply=feature"])
+    from cmg_core.config import mask_apply
+
+    assert mask_apply(load_config("configs/synthetic.yaml")) == "feature"
+    assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=paper"])) == "pixel"
+    assert mask_apply(load_config("configs/synthetic.yaml", ["cmer.apply=pixel"])) == "pixel"
