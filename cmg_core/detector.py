@@ -41,7 +41,8 @@ class MahalanobisDetector:
     def _standardize(self, x: np.ndarray) -> np.ndarray:
         return (l2_normalize(x) - self.mean_) / (self.std_ + EPS)
 
-    def fit(self, train: np.ndarray) -> "MahalanobisDetector":
+    def fit(self, train: np.ndarray, labels: np.ndarray | None = None) -> "MahalanobisDetector":
+        """train (N, D); labels (N,) optional partition used instead of k-means (e.g. caption clusters)."""
         x = np.asarray(train, dtype=np.float64)
         if x.ndim != 2 or len(x) < 2:
             raise DataError(f"detector.fit expects (N, D) features with N >= 2, got shape {x.shape}")
@@ -53,7 +54,11 @@ class MahalanobisDetector:
         self.mean_ = xn.mean(axis=0)
         self.std_ = xn.std(axis=0)
         z = self._standardize(x)
-        if self.n_clusters == 1:
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (len(z),):
+                raise DataError(f"detector.fit: labels must have shape ({len(z)},), got {labels.shape}")
+        elif self.n_clusters == 1:
             labels = np.zeros(len(z), dtype=np.int64)
         else:
             from sklearn.cluster import KMeans

@@ -48,3 +48,19 @@ def test_detector_errors():
     x = np.random.default_rng(2).normal(size=(50, 2))
     sing = MahalanobisDetector(covariance="pinv").fit(np.c_[x, x])
     assert np.isfinite(sing.score(np.c_[x, x] + 1)).all()
+
+
+def test_fit_with_a_given_partition_matches_per_group_gaussians():
+    """labels= replaces k-means: the score is the min over the given groups' Gaussians."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0, 1, (40, 3)), rng.normal(6, 1, (40, 3))])
+    labels = np.repeat([0, 1], 40)
+    det = MahalanobisDetector(covariance="empirical").fit(x, labels)
+    assert det.means_.shape == (2, 3)
+    test = rng.normal(3, 2, (10, 3))
+    z, zt = det._standardize(x), det._standardize(test)
+    ref = np.min([((zt - z[labels == c].mean(0)) @ np.linalg.pinv(np.cov(z[labels == c].T, bias=True))
+                   * (zt - z[labels == c].mean(0))).sum(1) for c in (0, 1)], axis=0)
+    np.testing.assert_allclose(det.score(test), ref, rtol=1e-6)
+    with pytest.raises(DataError):
+        MahalanobisDetector().fit(x, labels[:-1])

@@ -45,6 +45,19 @@ def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
     fig9 = json.loads((exp / "analysis" / "fig9.json").read_text())
     assert {r["mask"] for r in fig9} == {"hard", "soft"}
     assert (exp / "task_seed0" / "analysis" / "latent.json").is_file()
+    # bench/ucm_diagnostics.py: its one-Gaussian scores of each method reproduce the run's own AUROC
+    import importlib.util
+
+    from cmg_core.runs import Run
+
+    spec = importlib.util.spec_from_file_location("ucm_diagnostics", "bench/ucm_diagnostics.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    d = diag.task_diagnostics(Run.open(exp / "task_seed0"))
+    for m in ("ssd", "cmg"):
+        reported = per_task.query("seed == 0 and method == @m").auroc.item()
+        assert d[f"{m} k1"] == pytest.approx(reported, abs=1e-6)
+    assert 0 <= d["LLE weight on own class"] <= 100 and 0 <= d["raw knn5"] <= 100
     # rerun: nothing is retrained
     logs.clear()
     run_experiment(cfg, log=logs.append, analyses=False)
