@@ -120,15 +120,20 @@ class Trunk:
         return self._dim
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """(N, 3, H, W) float images in [0,1] -> (N, F) float32 features (on CPU)."""
+    def _forward(self, fn, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """`fn` on normalised, channels_last batches of (N, 3, H, W) float images in [0,1], in the trunk's
+        precision; float32 CPU outputs, one per batch."""
         outs = []
-        use_bf16 = self.precision == "bf16"
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(self.device)
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outs.append(self.model(x).float().cpu())
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                outs.append(fn(x).float().cpu().contiguous())
+        return outs
+
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(N, 3, H, W) float images in [0,1] -> (N, F) float32 features (on CPU)."""
+        outs = self._forward(self.model, images, batch_size)
         return torch.cat(outs) if outs else torch.zeros(0, self.feature_dim)
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,19 +145,11 @@ class Trunk:
             return m.layer4(m.layer3(m.layer2(m.layer1(x))))
         raise ConfigError(f"backbone {self.name!r} does not expose feature maps; use cmer.apply: pixel")
 
-    @torch.inference_mode()
     def feature_maps(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """(N, 3, H, W) float images in [0,1] -> (N, F, h, w) float32 maps before global pooling (on CPU).
 
         Their average over (h, w) is what `__call__` returns."""
-        outs = []
-        use_bf16 = self.precision == "bf16"
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(self.device)
-            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outs.append(self._maps(x).float().cpu().contiguous())
-        return torch.cat(outs)
+        return torch.cat(self._forward(self._maps, images, batch_size))
 
     def masked_features(self, images: torch.Tensor, masks: torch.Tensor, apply: str = "pixel",
                         batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
