@@ -8,7 +8,12 @@ Per task and mean over tasks (AUROC, test images of each run):
   frozen features allow before E1/E2;
 - `<method> k1` / `<method> captions`: each method's E2 embeddings scored by the run's detector settings with
   one Gaussian, and with one Gaussian per caption-GMM cluster (CMLE's K clusters, min over clusters, Eq.14);
-- LLE weight mass on an image's own class (how class-pure CMLE's caption neighbourhoods are).
+- LLE weight mass on an image's own class (how class-pure CMLE's caption neighbourhoods are);
+- `raw drop <rule>`: ER on the raw trunk features - one Gaussian on the features with one region left out
+  (`cmer.apply` of the run), the region picked by `cmer` (CMER's label from the captions, train and test
+  images: an oracle at test time), `rid` (CMER's label for training images, RID's choice for test images:
+  what the ER methods do), `random` (seeded), `worst` (the region whose removal lowers the caption match
+  most); `raw maha` is "no region dropped".
 Never used to choose the reported settings on the reported seeds.
 """
 from __future__ import annotations
@@ -51,7 +56,7 @@ def task_diagnostics(run: Run) -> dict[str, float]:
     ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
     trunk = Trunk.build(cfg.model.backbone, cfg.model.pretrained, resolve_device("cpu"),
                         precision=cfg.model.trunk_precision, weights=cfg.model.backbone_weights)
-    orig, _ = cached_mask_features(ds.paths, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
+    orig, masked = cached_mask_features(ds.paths, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
                                    cfg.cmer.soft_value, apply=mask_apply(cfg))
     raw = orig[rows].astype(np.float64)
     cov = cfg.detector.covariance
@@ -61,6 +66,16 @@ def task_diagnostics(run: Run) -> dict[str, float]:
 
     out = {"raw maha": auroc(maha(raw)),
            "raw knn5": auroc(knn_scores(raw[:n], raw[n:]))}
+    cmer = run.cmer()
+    e1 = cmer.filter(like="e1_score_").to_numpy()
+    rng = np.random.default_rng(0)
+    picks = {"cmer": e1.argmax(1),
+             "rid": np.where(cmer.role == "train", cmer.cmer_label, cmer.rid_choice),
+             "random": rng.integers(e1.shape[1], size=len(e1)),
+             "worst": e1.argmin(1)}
+    for rule, pick in picks.items():
+        dropped = masked[rows, pick].astype(np.float64)
+        out[f"raw drop {rule}"] = auroc(maha(dropped))
     caps = mean_caption_embedding(caption_tensor(ds, rows[:n], TextEncoder(cfg.model.text_model))).numpy()
     labels, _ = fit_caption_clusters(caps.astype(np.float64), cfg.cmle.n_clusters, cfg.cmle.covariance_type,
                                      seed=cfg.train.seed * 1000 + 4)

@@ -58,6 +58,7 @@ def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
         reported = per_task.query("seed == 0 and method == @m").auroc.item()
         assert d[f"{m} k1"] == pytest.approx(reported, abs=1e-6)
     assert 0 <= d["LLE weight on own class"] <= 100 and 0 <= d["raw knn5"] <= 100
+    assert all(0 <= d[f"raw drop {r}"] <= 100 for r in ("cmer", "rid", "random", "worst"))
     # rerun: nothing is retrained
     logs.clear()
     run_experiment(cfg, log=logs.append, analyses=False)
