@@ -10,6 +10,7 @@ from PIL import Image
 
 from cmg_core.data import load_dataset
 from cmg_core.data import synthetic as syn
+from cmg_core.data import synthetic_render as render
 from cmg_core.errors import DataError
 
 
@@ -52,7 +53,7 @@ def test_counts_captions_files_and_splits(tmp_path):
     m = ds.meta
     assert m["generator_version"] == syn.GENERATOR_VERSION
     assert m["object_boxes"].shape == (60, 4) and m["object_boxes"].dtype.kind == "i"
-    assert len(m["object_colors"]) == 60 and set(m["object_colors"]) <= set(syn.PALETTE)
+    assert len(m["object_colors"]) == 60 and set(m["object_colors"]) <= set(render.PALETTE)
 
 
 def test_default_split_is_80_10_10():
@@ -167,14 +168,14 @@ def test_captions_name_colour_and_class_synonym_only():
     ds = syn.load_synthetic(n_per_class=8, size=32)
     background_words = ("stripe", "checker", "noise", "gradient", "texture", "background")
     for it, color in zip(ds.items, ds.meta["object_colors"]):
-        others = [s for c, ss in syn.SYNONYMS.items() if c != it.class_name for s in ss]
+        others = [s for c, ss in render.SYNONYMS.items() if c != it.class_name for s in ss]
         for cap in it.captions:
             assert re.search(rf"\b{color}\b", cap), cap
-            assert any(re.search(rf"\b{re.escape(s)}\b", cap) for s in syn.SYNONYMS[it.class_name]), cap
+            assert any(re.search(rf"\b{re.escape(s)}\b", cap) for s in render.SYNONYMS[it.class_name]), cap
             assert not any(re.search(rf"\b{re.escape(s)}\b", cap) for s in others), cap
             assert not any(w in cap for w in background_words), cap
             assert not re.search(r"\ba [aeiou]", cap), cap
-    used = {s for it in ds.items if it.class_name == "star" for cap in it.captions for s in syn.SYNONYMS["star"] if s in cap}
+    used = {s for it in ds.items if it.class_name == "star" for cap in it.captions for s in render.SYNONYMS["star"] if s in cap}
     assert len(used) >= 3  # synonyms really vary
 
 
