@@ -32,10 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more key=value overrides")
     args = ap.parse_args(argv)
     rows = []
+    name = load_config(args.config, args.overrides).name
     for value in args.values:
-        base = load_config(args.config, args.overrides)
         cfg = load_config(args.config, [*args.overrides, f"{args.key}={value}",
-                                        f"name={base.name}_{args.key}={value}", f"experiment.out_dir={args.out}",
+                                        f"name={name}_{args.key}={value}", f"experiment.out_dir={args.out}",
                                         f"experiment.task_seeds={list(args.seeds)}",
                                         f"train.methods=[{','.join(args.methods)}]", "experiment.mask_ablation=false"])
         exp_dir = run_experiment(cfg, analyses=False, log=lambda msg: print(msg, flush=True))
