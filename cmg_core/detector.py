@@ -3,7 +3,9 @@
 `MahalanobisDetector(n_clusters, covariance).fit(train_feats)` stores the normalisation statistics, the
 k-means clusters and one Gaussian per cluster; `score(feats)` is the min over clusters of the squared
 Mahalanobis distance (higher = more anomalous). `cluster_min_mahalanobis` in scoring.py is the one-shot form
-of the same computation; a test checks they agree.
+of the same computation; a test checks they agree.  Features are z-scored with the divisors of
+`scoring.standardization_scale` (the rule `scoring.standardize` uses too), so a (near-)constant training
+feature such as a dead ReLU channel cannot dominate the score.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import warnings
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .scoring import EPS, fit_gaussian, l2_normalize, mahalanobis_sq
+from .scoring import fit_gaussian, l2_normalize, mahalanobis_sq, standardization_scale
 
 
 def resolve_covariance(covariance: str, n: int, d: int) -> str:
@@ -29,8 +31,10 @@ def resolve_covariance(covariance: str, n: int, d: int) -> str:
 class MahalanobisDetector:
     """Parameters: n_clusters (k-means clusters, default 1), covariance (auto | pinv | shrinkage | empirical), seed.
 
-    Fitted attributes: mean_, std_ (standardisation of L2-normalised train features), means_ (K, D),
-    precisions_ (K, D, D), train_scores_ (N,) scores of the training features themselves.
+    Fitted attributes: mean_, std_ (mean and std of the L2-normalised train features), scale_ (D,) (the
+    z-score divisors `scoring.standardization_scale(std_)`: std_, except the typical std for (near-)constant
+    features; derived from std_, not saved), means_ (K, D), precisions_ (K, D, D), train_scores_ (N,) scores
+    of the training features themselves.
     """
 
     def __init__(self, n_clusters: int = 1, covariance: str = "auto", seed: int = 0):
@@ -39,7 +43,8 @@ class MahalanobisDetector:
         self.seed = seed
 
     def _standardize(self, x: np.ndarray) -> np.ndarray:
-        return (l2_normalize(x) - self.mean_) / (self.std_ + EPS)
+        """(x / ||x|| - mean_) / scale_, the same rule as `scoring.standardize`."""
+        return (l2_normalize(x) - self.mean_) / self.scale_
 
     def fit(self, train: np.ndarray, labels: np.ndarray | None = None) -> "MahalanobisDetector":
         """train (N, D); labels (N,) optional partition used instead of k-means (e.g. caption clusters)."""
@@ -53,6 +58,7 @@ class MahalanobisDetector:
         xn = l2_normalize(x)
         self.mean_ = xn.mean(axis=0)
         self.std_ = xn.std(axis=0)
+        self.scale_ = standardization_scale(self.std_)
         z = self._standardize(x)
         if labels is not None:
             labels = np.asarray(labels)
@@ -104,4 +110,5 @@ class MahalanobisDetector:
         det = cls(state["n_clusters"], state["covariance"], state["seed"])
         for k in ("mean_", "std_", "means_", "precisions_", "train_scores_"):
             setattr(det, k, np.asarray(state[k]))
+        det.scale_ = standardization_scale(det.std_)
         return det

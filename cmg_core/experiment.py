@@ -17,8 +17,9 @@ import pandas as pd
 from .config import RunConfig, load_config, save_config, to_dict
 from .errors import ConfigError
 from .metrics import mean_ci
-from .pipeline import train_run
 from .runs import Run, write_csv, write_json
+from .train import method_label, train_run
+from .utils import machine_description
 
 METRICS = ("auroc", "aupr", "fpr95")
 Progress = Callable[[str, int, int], None]
@@ -88,7 +89,8 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
         run = _train_or_reuse(task_config(cfg, exp_dir, seed), progress, log)
         runs[seed] = run
         for method, met in run.metrics().items():
-            rows.append({"seed": seed, "method": method, **{m: met[m] for m in METRICS}})
+            rows.append({"seed": seed, "method": method_label(method, cfg.cmle.loss),
+                         "wall_time_s": run.info.get("wall_time_s"), **{m: met[m] for m in METRICS}})
         if cfg.experiment.mask_ablation:
             other = "soft" if cfg.cmer.mask == "hard" else "hard"
             mask_runs[seed] = _train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)
@@ -101,7 +103,8 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
         f"# {cfg.name}: {len(runs)} tasks ({cfg.data.name}, profile {cfg.model.profile})\n\n"
         f"Mean ± 95% CI (t distribution) over tasks with seeds {list(cfg.experiment.task_seeds)}; final-epoch "
         f"models only.\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
-        "(tasks finished earlier are reused, not retrained).\n")
+        "(tasks finished earlier are reused, not retrained).\n\n"
+        f"Machine: {machine_description(cfg.train.device)}\n")
     table = {"per_task": per_task.to_dict("records"), "summary": summary.to_dict("records")}
     if analyses:
         from .figures import write_analyses

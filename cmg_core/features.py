@@ -177,38 +177,64 @@ def feature_cache_key(**parts) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
-def dataset_fingerprint(paths: Sequence[Path]) -> str:
-    """Identity of an image list: paths plus sizes and mtimes (a changed file invalidates the cache)."""
+def dataset_fingerprint(dataset) -> str:
+    """Identity of a dataset's images: for file-backed datasets the paths plus sizes and mtimes (a changed file
+    invalidates the cache), for in-memory ones (packed files) a hash of the pixels."""
     h = hashlib.sha1()
+    images = getattr(dataset, "images", None)
+    if images is not None:
+        h.update(repr(images.shape).encode())
+        h.update(np.ascontiguousarray(images).data)
+        return h.hexdigest()[:20]
+    paths = dataset.paths if hasattr(dataset, "paths") else dataset
     for p in paths:
         st = Path(p).stat()
         h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}\n".encode())
     return h.hexdigest()[:20]
 
 
-def cached_mask_features(paths: Sequence[Path], trunk: Trunk, size: int, n_regions: int, mode: str,
+def load_images(dataset, rows: Sequence[int], size: int) -> torch.Tensor:
+    """(R, 3, size, size) uint8 images of `rows` of a CaptionedDataset (files or a packed file alike)."""
+    arr = dataset.image_array(np.asarray(rows, dtype=np.int64), size)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_trunk_size(x: torch.Tensor, trunk_size: int | None) -> torch.Tensor:
+    """(B, 3, S, S) float images resized (bilinear) to the frozen trunk's input size; unchanged if equal/None."""
+    if trunk_size is None or x.shape[-1] == trunk_size:
+        return x
+    return F.interpolate(x, size=(trunk_size, trunk_size), mode="bilinear", align_corners=False)
+
+
+def cached_mask_features(dataset, trunk: Trunk, size: int, n_regions: int, mode: str,
                          soft_value: float, batch_size: int = 32, progress: ProgressFn | None = None,
-                         use_cache: bool = True, apply: str = "pixel") -> tuple[np.ndarray, np.ndarray]:
-    """Trunk features of each image and of each of its M masked variants (`apply`: see
-    `Trunk.masked_features`).
+                         use_cache: bool = True, apply: str = "pixel",
+                         trunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Trunk features of each image of `dataset` and of each of its M masked variants (`apply`: see
+    `Trunk.masked_features`). Images are read at `size` and resized to `trunk_size` (default: `size`)
+    before the trunk; masks are laid on the trunk's input.
 
     Returns (orig (N, F), masked (N, M, F)) float32. Cached by dataset fingerprint + settings; the cache
     file is written atomically, so an interrupted computation leaves nothing behind.
     """
-    parts = dict(data=dataset_fingerprint(paths), size=size, trunk=trunk.name, precision=trunk.precision,
+    tsize = trunk_size or size
+    parts = dict(data=dataset_fingerprint(dataset), size=size, trunk=trunk.name, precision=trunk.precision,
                  m=n_regions, mode=mode, soft=soft_value if mode == "soft" else None)
     if apply != "pixel":  # pixel-mode keys stay as they were: existing caches remain valid
         parts["apply"] = apply
+    if tsize != size:
+        parts["trunk_size"] = tsize
     key = feature_cache_key(**parts)
     path = cache_dir("features") / f"{key}.npz"
     if use_cache and path.is_file():
         with np.load(path) as z:
             return z["orig"], z["masked"]
     orig_parts, masked_parts = [], []
-    n = len(paths)
-    masks = grid_masks(size, size, n_regions, mode=mode, soft_value=soft_value)
+    n = len(dataset)
+    masks = grid_masks(tsize, tsize, n_regions, mode=mode, soft_value=soft_value)
     for start in range(0, n, batch_size):
-        imgs = to_float(images_to_tensor(paths[start : start + batch_size], size))
+        rows = np.arange(start, min(start + batch_size, n))
+        imgs = to_trunk_size(to_float(load_images(dataset, rows, size)), tsize)
         orig, masked = trunk.masked_features(imgs, masks, apply)
         orig_parts.append(orig.numpy())
         masked_parts.append(masked.numpy())
@@ -222,11 +248,11 @@ def cached_mask_features(paths: Sequence[Path], trunk: Trunk, size: int, n_regio
     return orig, masked
 
 
-def augmented_view_features(paths: Sequence[Path], mask_index: np.ndarray | None, trunk: Trunk, size: int,
+def augmented_view_features(images: torch.Tensor, mask_index: np.ndarray | None, trunk: Trunk, size: int,
                             n_regions: int, mode: str, soft_value: float, n_views: int, seed: int,
                             batch_size: int = 32, progress: ProgressFn | None = None,
                             apply: str = "pixel") -> np.ndarray:
-    """(N, V, F) trunk features of V SimCLR-augmented views of each image.
+    """(N, V, F) trunk features of V SimCLR-augmented views of each of the (N, 3, S, S) uint8 `images`.
 
     With `mask_index` (N,) the image is masked with that region (CMER's choice); -1 or None = no mask.
     apply="pixel" masks the image before augmenting it; apply="feature" augments image and mask together
@@ -239,10 +265,10 @@ def augmented_view_features(paths: Sequence[Path], mask_index: np.ndarray | None
     aug = simclr_augment(size)
     masks = grid_masks(size, size, n_regions, mode=mode, soft_value=soft_value)
     out = []
-    n = len(paths)
+    n = len(images)
     try:
         for start in range(0, n, batch_size):
-            imgs = to_float(images_to_tensor(paths[start : start + batch_size], size))
+            imgs = to_float(images[start : start + batch_size])
             chosen = None
             if mask_index is not None:
                 idx = torch.as_tensor(mask_index[start : start + batch_size])

@@ -22,8 +22,10 @@ from .analysis import dcor_matrix, embed_2d
 from .config import RunConfig, mask_apply
 from .data import load_dataset
 from .encoders import TextEncoder
-from .features import Trunk, cached_mask_features, images_to_tensor, masked_variants, to_float
-from .pipeline import caption_tensor
+from .features import cached_mask_features, load_images, masked_variants, to_float
+from .train import caption_tensor
+from .train.frozen import build_trunk
+from .train.objective import parse_method
 from .runs import Run, write_json
 from .stages import mean_caption_embedding
 from .utils import resolve_device
@@ -71,7 +73,7 @@ def latent_maps(run: Run, methods=("ssd", "cmg"), seed: int = 0) -> dict:
     images = run.images()
     out = {"rows": images.row.tolist(), "class_name": images.class_name.tolist(),
            "is_anomaly": images.is_anomaly.tolist(), "methods": {}}
-    for m in methods:
+    for m in [m for m in run.methods if m in methods or parse_method(m).base in methods]:
         if m not in run.methods:
             continue
         emb = run.embeddings(m)
@@ -88,7 +90,7 @@ def history_curves(runs: dict[int, Run], stage: str, columns: list[str], methods
             continue
         h = h[h.stage == stage]
         if methods is not None:
-            h = h[h.method.isin(methods)]
+            h = h[h.method.map(lambda m: isinstance(m, str) and parse_method(m).base in methods)]
         for _, r in h.iterrows():
             rows.append({"seed": seed, "method": r.get("method"), "epoch": int(r.epoch),
                          **{c: (None if pd.isna(r.get(c)) else float(r.get(c))) for c in columns if c in r}})
@@ -101,8 +103,8 @@ def write_run_analyses(run: Run, cfg: RunConfig) -> tuple[dict, dict]:
     images, cmer = run.images(), run.cmer()
     rng = np.random.default_rng(cfg.train.seed)
     pick = np.sort(rng.choice(len(images), size=min(cfg.experiment.dcor_samples, len(images)), replace=False))
-    all_paths = run.image_paths()
-    x = to_float(images_to_tensor([all_paths[i] for i in pick], cfg.data.image_size))
+    ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+    x = to_float(load_images(ds, images["index"].values[pick], cfg.data.image_size))
     variants = masked_variants(x, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value)
     chosen = variants[torch.arange(len(pick)), torch.from_numpy(cmer.cmer_label.values[pick])]
     small = cfg.experiment.dcor_pixels
@@ -123,11 +125,10 @@ def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_run
     # Fig.1 on the whole dataset: cached trunk features vs mean caption embeddings
     device = resolve_device(cfg.train.device)
     ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
-    trunk = Trunk.build(cfg.model.backbone, cfg.model.pretrained, device, precision=cfg.model.trunk_precision,
-                        weights=cfg.model.backbone_weights, cifar_stem=cfg.model.cifar_stem)
-    orig, _ = cached_mask_features(ds.paths, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
-                                   cfg.cmer.soft_value, apply=mask_apply(cfg))
-    text = mean_caption_embedding(caption_tensor(ds, np.arange(len(ds)), TextEncoder(cfg.model.text_model))).numpy()
+    trunk = build_trunk(cfg, device)
+    orig, _ = cached_mask_features(ds, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
+                                   cfg.cmer.soft_value, apply=mask_apply(cfg), trunk_size=cfg.model.trunk_image_size)
+    text = mean_caption_embedding(caption_tensor(ds, np.arange(len(ds)), cfg.model.text_model)).numpy()
     write_json(out / "fig1.json", modality_structure(orig, text, ds.labels, seed=cfg.train.seed))
     log("analysis: fig1 (modality structure) written")
 
@@ -136,7 +137,7 @@ def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_run
     write_json(out / "fig6.json", lat)
     log("analysis: fig5 (distance correlation) and fig6 (t-SNE / UMAP) written")
 
-    write_json(out / "fig7.json", per_task[per_task.method.isin(["cmg", "cmg-mse"])].to_dict("records"))
+    write_json(out / "fig7.json", per_task[per_task.method.map(lambda m: parse_method(m).base).isin(["cmg", "cmg-mse"])].to_dict("records"))
     write_json(out / "fig8.json", history_curves(runs, "rid", ["train_acc", "val_acc", "chance"]))
     fig9 = []
     for seed, run in runs.items():

@@ -2,6 +2,11 @@
 
     pred = Predictor.load("runs/my_run")
     res = pred.explain(pil_image)   # variants, rid_probs, rid_choice, masked_image, scores, percentiles, thresholds
+
+One class for both profiles, with the same straight line as training: RID's inputs come from the run's E1
+encoder (the frozen trunk's features, masked as the run masked them, or E1's backbone when it was trained end to
+end); each method's detector features come from its E2 (a head on trunk features, or an encoder on the image,
+RID-masked for ER methods).
 """
 from __future__ import annotations
 
@@ -14,12 +19,12 @@ from PIL import Image
 from .data.images import open_image
 from .detector import MahalanobisDetector
 from .errors import DataError
-from .features import Trunk, images_to_tensor, masked_variants, to_float
+from .features import images_to_tensor, masked_variants, to_float, to_trunk_size
 from .masks import grid_masks
 from .models import RID, E2Head
-from .pipeline import USES_ER
 from .runs import Run, method_slug
 from .stages import e2_features, rid_predict
+from .train.objective import parse_method
 from .utils import resolve_device
 
 
@@ -28,26 +33,79 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
-class BasePredictor:
-    """The explain flow shared by both profiles: masked variants -> RID's choice (no captions) -> each
-    method's detector features -> scores. Subclasses say how RID inputs and detector features are computed.
+class Predictor:
+    """A finished run's E1 features, RID, E2 models and detectors, ready to score new images (no captions)."""
 
-    Attributes every subclass sets: run, rid, detectors {method: MahalanobisDetector}, image_size, n_regions,
-    mask, soft_value.
-    """
+    def __init__(self, run: Run, cfg, rid: RID, e2: dict, detectors: dict, device: torch.device,
+                 trunk=None, e1_image=None, apply: str = "pixel"):
+        self.run, self.cfg, self.rid, self.e2, self.detectors = run, cfg, rid, e2, detectors
+        self.device, self.trunk, self.e1_image, self.apply = device, trunk, e1_image, apply
+        self.image_size, self.n_regions = cfg.data.image_size, cfg.cmer.n_regions
+        self.mask, self.soft_value = cfg.cmer.mask, cfg.cmer.soft_value
+        self.specs = {m: parse_method(m, cfg.cmle.loss) for m in detectors}
 
     @property
     def methods(self) -> list[str]:
         return list(self.detectors)
 
-    def _rid_inputs(self, x: torch.Tensor, variants: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) images and (B, M, 3, S, S) variants -> RID inputs (orig (B, F), masked (B, M, F))."""
-        raise NotImplementedError
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
+        from .train.frozen import build_trunk
+        from .train.nets import E1Image, backbone_for, build_e2
 
-    def _detector_features(self, method: str, x: torch.Tensor, variants: torch.Tensor, choice: np.ndarray,
-                           orig: torch.Tensor, masked: torch.Tensor) -> np.ndarray:
-        """(B, D) features the method's detector scores."""
-        raise NotImplementedError
+        run = Run.open(run_dir)
+        if run.status != "done":
+            raise DataError(f"run {run.path} is not finished (status: {run.status}); wait for it or pick another run")
+        cfg = run.config()
+        dev = resolve_device(device)
+        models = run.path / "models"
+        trunk = e1_image = None
+        if cfg.e1.encoder == "frozen":
+            trunk = build_trunk(cfg, dev)
+            feature_dim = trunk.feature_dim
+        else:
+            backbone, spec = backbone_for(cfg)
+            e1_image = E1Image(backbone, spec, cfg.model.head_hidden, cfg.model.embed_dim)
+            state = torch.load(models / "e1.pt", map_location="cpu", weights_only=True)["model"]
+            e1_image.load_state_dict({k[len("image."):]: v.float() for k, v in state.items() if k.startswith("image.")})
+            e1_image = e1_image.to(dev).eval()
+            feature_dim = spec.feature_dim
+        rid = RID(feature_dim, tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
+        rid_state = torch.load(models / "rid.pt", map_location="cpu", weights_only=False)
+        rid.load_state_dict(rid_state["rid"] if "rid" in rid_state else rid_state)  # older end2end runs nest it
+        e2, dets = {}, {}
+        for method in run.methods:
+            st = torch.load(models / f"{method_slug(method)}.pt", map_location="cpu", weights_only=False)
+            text_dim = st.get("text_dim") or None
+            if cfg.model.profile == "frozen":
+                net = E2Head(st.get("in_dim", feature_dim), cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
+            else:
+                net = build_e2(cfg, text_dim)
+            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["model"].items()})
+            e2[method] = net.to(dev).eval()
+            dets[method] = MahalanobisDetector.from_state_dict(st["detector"])
+        apply = run.info.get("mask_apply", "pixel")  # as recorded; older runs: pixel
+        return cls(run, cfg, rid.eval(), e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
+
+    def _rid_inputs(self, x: torch.Tensor, variants: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) images and (B, M, 3, S, S) variants -> RID inputs (orig (B, F), masked (B, M, F)),
+        computed as the run computed its training features."""
+        if self.trunk is not None:
+            size = self.cfg.model.trunk_image_size or x.shape[-1]
+            masks = grid_masks(size, size, self.n_regions, self.mask, self.soft_value)
+            return self.trunk.masked_features(to_trunk_size(x, size), masks, self.apply)
+        b, m = variants.shape[:2]
+        feats = self.e1_image.features(torch.cat([x, variants.flatten(0, 1)]).to(self.device)).float().cpu()
+        return feats[:b], feats[b:].view(b, m, -1)
+
+    def _detector_features(self, method: str, x, variants, choice: np.ndarray, orig, masked) -> np.ndarray:
+        er = self.specs[method].er
+        rows = torch.arange(len(x))
+        if self.cfg.model.profile == "frozen":
+            return e2_features(self.e2[method], masked[rows, torch.from_numpy(choice)] if er else orig)
+        inp = variants[rows, torch.from_numpy(choice)] if er else x
+        h, z = self.e2[method](inp.to(self.device))
+        return (z if self.cfg.detector.features == "projection" else h).float().cpu().numpy()
 
     @torch.no_grad()
     def explain_many(self, images: list) -> list[dict]:
@@ -82,48 +140,3 @@ class BasePredictor:
         if method not in self.detectors:
             raise DataError(f"run {self.run.path} has no method {method!r}; it has {self.methods}")
         return np.array([r["scores"][method] for r in self.explain_many(images)])
-
-
-class Predictor(BasePredictor):
-    """A finished run's RID, E2 heads and detectors (cpu profile), ready to score images."""
-
-    def __init__(self, run: Run, trunk: Trunk, rid: RID, heads: dict[str, E2Head],
-                 detectors: dict[str, MahalanobisDetector], image_size: int, n_regions: int, mask: str,
-                 soft_value: float, apply: str = "pixel"):
-        self.run, self.trunk, self.rid, self.heads, self.detectors = run, trunk, rid, heads, detectors
-        self.image_size, self.n_regions, self.mask, self.soft_value = image_size, n_regions, mask, soft_value
-        self.apply = apply
-
-    @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
-        run = Run.open(run_dir)
-        if run.status != "done":
-            raise DataError(f"run {run.path} is not finished (status: {run.status}); wait for it or pick another run")
-        cfg = run.config()
-        if cfg.model.profile != "cpu":
-            from .paper import PaperPredictor  # end-to-end models need their own loader
-
-            return PaperPredictor.load(run_dir, device=device)
-        dev = resolve_device(device)
-        trunk = Trunk.build(cfg.model.backbone, cfg.model.pretrained, dev, precision=cfg.model.trunk_precision,
-                            weights=cfg.model.backbone_weights, cifar_stem=cfg.model.cifar_stem)
-        models = run.path / "models"
-        rid = RID(trunk.feature_dim, tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-        rid.load_state_dict(torch.load(models / "rid.pt", weights_only=True))
-        heads, dets = {}, {}
-        for method in run.methods:
-            state = torch.load(models / f"{method_slug(method)}.pt", weights_only=False)
-            head = E2Head(state["in_dim"], cfg.model.head_hidden, cfg.model.embed_dim, state.get("text_dim"))
-            head.load_state_dict(state["model"])
-            heads[method] = head.eval()
-            dets[method] = MahalanobisDetector.from_state_dict(state["detector"])
-        return cls(run, trunk, rid.eval(), heads, dets, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
-                   cfg.cmer.soft_value, run.info.get("mask_apply", "pixel"))  # as recorded; older runs: pixel
-
-    def _rid_inputs(self, x, variants):
-        masks = grid_masks(x.shape[-2], x.shape[-1], self.n_regions, self.mask, self.soft_value)
-        return self.trunk.masked_features(x, masks, self.apply)  # as the run's training features were made
-
-    def _detector_features(self, method, x, variants, choice, orig, masked):
-        f = masked[torch.arange(len(x)), torch.from_numpy(choice)] if USES_ER[method] else orig
-        return e2_features(self.heads[method], f)

@@ -3,6 +3,9 @@
 numpy in / numpy out.  Follows SSD (Sehwag et al., 2021): L2-normalise, z-score with the training
 mean/std, then score a test point by its smallest Mahalanobis distance to the Gaussians fitted on
 k-means clusters of the training features.  Higher score = more anomalous.
+
+One departure from SSD's ``(x - mean) / (std + 1e-10)``: a (near-)constant training feature (a dead ReLU
+channel) is not divided by its ~0 std, see :func:`standardization_scale`; the detector uses the same rule.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from .errors import ConfigError, DataError
 __all__ = [
     "COVARIANCES",
     "l2_normalize",
+    "standardization_scale",
     "standardize",
     "fit_gaussian",
     "mahalanobis_sq",
@@ -26,6 +30,7 @@ __all__ = [
 
 COVARIANCES = ("pinv", "shrinkage", "empirical")
 EPS = 1e-10
+STD_RTOL = 1e-3  # a feature whose std is below STD_RTOL x the typical std counts as constant
 
 
 def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
@@ -44,14 +49,36 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return a / (np.linalg.norm(a, axis=-1, keepdims=True) + EPS)
 
 
+def standardization_scale(std: np.ndarray, rtol: float = STD_RTOL) -> np.ndarray:
+    """Per-feature divisors ``(D,)`` for z-scoring features whose training std is ``std (D,)``.
+
+    A feature is divided by its own std, except a (near-)constant one, ``std <= rtol * typical`` with
+    ``typical = sqrt(mean(std ** 2))`` (the RMS std over the features): it is divided by ``typical``.
+    This is sklearn's rule (``StandardScaler`` leaves a near-constant feature unscaled, see
+    ``sklearn.preprocessing._data._handle_zeros_in_scale``) with two changes: "near-constant" is judged
+    relative to the other features rather than to machine epsilon, and "unscaled" means the features' common
+    scale, ``typical``, rather than 1 (L2-normalised features have stds of about 1/sqrt(D)).  So a dead ReLU
+    channel (0 on every training image, slightly > 0 on a test image) weighs like an ordinary feature
+    instead of being multiplied by 1e10; no feature is scaled up by more than ``1 / rtol`` relative to the
+    others.  If every feature is constant (``typical == 0``) every divisor is 1.  Used by both
+    :func:`standardize` and :class:`cmg_core.detector.MahalanobisDetector`.
+    """
+    s = np.asarray(std, dtype=np.float64)
+    typical = float(np.sqrt(np.mean(s**2))) if s.size else 0.0
+    if not typical > 0:
+        return np.ones_like(s)
+    return np.where(s > rtol * typical, s, typical)
+
+
 def standardize(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
     """L2-normalise ``train (N, D)`` and every array in ``others (M_i, D)``, then z-score all of them
-    with the mean/std of the normalised TRAIN set: ``(x - mean) / (std + 1e-10)``, exactly as SSD.
-    Returns a tuple ``(train, *others)``."""
+    with the mean/std of the normalised TRAIN set: ``(x - mean) / scale`` with
+    ``scale = standardization_scale(std)``, i.e. SSD's ``(x - mean) / std`` except that (near-)constant
+    features are divided by the features' typical std instead of ~0.  Returns a tuple ``(train, *others)``."""
     tr = l2_normalize(train)
     mean = tr.mean(axis=0, keepdims=True)
-    std = tr.std(axis=0, keepdims=True)
-    return tuple((a - mean) / (std + EPS) for a in (tr, *(l2_normalize(o) for o in others)))
+    scale = standardization_scale(tr.std(axis=0, keepdims=True))
+    return tuple((a - mean) / scale for a in (tr, *(l2_normalize(o) for o in others)))
 
 
 def fit_gaussian(train: np.ndarray, covariance: str = "pinv") -> tuple[np.ndarray, np.ndarray]:

@@ -91,7 +91,8 @@ def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_c
             txt_raw = captions[idx, pick]
             mask = duplicate_caption_mask(txt_raw) if cfg.dedupe_captions else None
             loss = image_text_contrastive_loss(model.image(feats[idx]), model.text(txt_raw), cfg.temperature,
-                                               symmetric=cfg.symmetric, positive_mask=mask)
+                                               symmetric=cfg.symmetric, positive_mask=mask,
+                                               exclude_positive=cfg.exclude_positive)
             opt.zero_grad()
             loss.backward()
             opt.step()

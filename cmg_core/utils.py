@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, device choice, cache location, atomic file writes."""
+"""Small shared helpers: seeding, device and trunk-precision choice, cache location, atomic file writes."""
 from __future__ import annotations
 
 import contextlib
@@ -44,6 +44,62 @@ def resolve_device(device: str = "auto") -> "torch.device":
         raise ConfigError(f"device={device!r} is not a valid torch device (expected auto, cpu, cuda, cuda:N)") from exc
 
 
+TRUNK_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls/convolutions natively, not by emulation through fp32.
+
+    `torch.backends.cpu.get_cpu_capability()` gives the vector level ATen dispatches to; in torch 2.x it is
+    one of "DEFAULT", "NO AVX", "AVX2", "AVX512", "VSX", "Z VECTOR", "SVE256" and never names bf16 itself
+    ("AVX512" is also Skylake-X/Cascade Lake, which has no bf16 instructions).  So: levels below AVX512/SVE
+    are fp32; at AVX512/SVE the feature flags of `torch.cpu.get_capabilities()` decide (x86: avx512_bf16 or
+    amx_bf16, i.e. Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later; ARM: sve_bf16 or bf16).  A
+    level string that names BF16 or AMX (possible in a later torch) counts as native too.
+    """
+    import torch
+
+    level = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "BF16" in level or "AMX" in level:
+        return True
+    if not level.startswith(("AVX512", "SVE")):
+        return False
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.9
+    if get_capabilities is None:
+        return False
+    flags = get_capabilities()
+    return any(bool(flags.get(k, False)) for k in ("avx512_bf16", "amx_bf16", "sve_bf16", "bf16"))
+
+
+def resolve_trunk_precision(value: str, device) -> str:
+    """`model.trunk_precision` -> "bf16" or "fp32" for a trunk on `device` (torch.device or str).
+
+    `bf16` and `fp32` are returned as given.  `auto` is bf16 only where the hardware runs bf16 natively:
+    a CUDA GPU with `torch.cuda.is_bf16_supported(including_emulation=False)` (Ampere and later), or a CPU
+    with native bf16 (see `_cpu_has_native_bf16`: AVX512-BF16 / AMX / SVE-BF16); fp32 everywhere else
+    (AVX2, DEFAULT, NO AVX CPUs, AVX512 without bf16, other devices), where bf16 autocast is emulated and
+    slower than fp32.
+    """
+    if value not in TRUNK_PRECISIONS:
+        raise ConfigError(f"model.trunk_precision={value!r}; expected auto, bf16 or fp32")
+    if value != "auto":
+        return value
+    import torch
+
+    dev = resolve_device(device) if isinstance(device, str) and device in ("", "auto") else torch.device(device)
+    if dev.type == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.3 has no including_emulation (and counts native support only)
+            native = torch.cuda.is_bf16_supported()
+        except (RuntimeError, AssertionError):  # no usable CUDA
+            native = False
+        return "bf16" if native else "fp32"
+    if dev.type == "cpu":
+        return "bf16" if _cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
 def cache_dir(sub: str = "") -> Path:
     """Root of the project's on-disk caches: $CMG_CACHE_DIR, else ~/.cache/cmg."""
     root = Path(os.environ.get("CMG_CACHE_DIR") or Path.home() / ".cache" / "cmg")
@@ -69,3 +125,23 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def machine_description(device: str = "auto") -> str:
+    """One line naming the machine a timing came from: CPU model, cores, torch's CPU capability, GPU if used."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"]
+    if device != "cpu" and torch.cuda.is_available():
+        parts.append(f"GPU {torch.cuda.get_device_name(0)}")
+    return "; ".join(parts)

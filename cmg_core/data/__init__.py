@@ -1,5 +1,6 @@
 """Captioned-image datasets, anomaly tasks and the loader registry."""
-from .registry import DATASETS, dataset_names, load_dataset
+from .packed import load_packed, pack_dataset, read_packed_meta
+from .registry import DATASETS, FILE_ROOTS, dataset_names, load_dataset
 from .types import AnomalyTask, CaptionedDataset, CaptionedImage, make_task
 
 __all__ = [
@@ -7,7 +8,11 @@ __all__ = [
     "CaptionedDataset",
     "CaptionedImage",
     "DATASETS",
+    "FILE_ROOTS",
     "dataset_names",
     "load_dataset",
+    "load_packed",
     "make_task",
+    "pack_dataset",
+    "read_packed_meta",
 ]

@@ -1,4 +1,7 @@
-"""Name -> loader. Each loader is `load(root: Path | None, **options) -> CaptionedDataset`."""
+"""Name -> loader. Each loader is `load(root: Path | None, **options) -> CaptionedDataset`.
+
+`root` is a folder, except for the loaders in FILE_ROOTS (`packed`), whose root is one file.
+"""
 from __future__ import annotations
 
 import importlib
@@ -14,7 +17,11 @@ DATASETS: dict[str, tuple[str, str, str, bool]] = {
     "folder": ("folder", "load_folder", "your own data: Images/<class>/* + captions.csv or captions.jsonl", True),
     "wikipedia": ("wikipedia", "load_wikipedia", "Wikipedia image-text dataset (Rasiwasia et al. 2010), 10 categories", True),
     "class_coco": ("coco", "load_class_coco", "COCO captions, single-object images grouped by category", True),
+    "packed": ("packed", "load_packed", "one file written by `cmg data pack` (--root is that FILE)", True),
 }
+
+# loaders whose root is a single file rather than a folder
+FILE_ROOTS = frozenset({"packed"})
 
 
 def dataset_names() -> list[str]:
@@ -22,15 +29,22 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(name: str, root: str | Path | None = None, **options) -> CaptionedDataset:
-    """Load a dataset by registry name. `root` is required for everything but `synthetic`."""
+    """Load a dataset by registry name. `root` is required for everything but `synthetic`; for `packed` it is
+    the packed file."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {dataset_names()}")
     module, func, _, needs_root = DATASETS[name]
     if needs_root:
         if root is None:
-            raise DataError(f"dataset {name!r} needs a root folder (--root PATH)")
+            what = "file" if name in FILE_ROOTS else "folder"
+            raise DataError(f"dataset {name!r} needs a root {what} (--root PATH)")
         root = Path(root).expanduser()
-        if not root.is_dir():
+        if name in FILE_ROOTS:
+            if not root.is_file():
+                what = "is a folder" if root.is_dir() else "does not exist"
+                raise DataError(f"dataset file {root} {what}; dataset {name!r} expects --root to be a file "
+                                "written by `cmg data pack`")
+        elif not root.is_dir():
             raise DataError(f"dataset root {root} does not exist or is not a folder (dataset {name!r})")
     loader = getattr(importlib.import_module(f"cmg_core.data.{module}"), func)
     return loader(Path(root) if root is not None else None, **options)

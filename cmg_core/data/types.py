@@ -1,6 +1,7 @@
 """The two data types every loader produces and every trainer consumes.
 
-* :class:`CaptionedDataset` - images (as file paths), their captions, class id/name and split.
+* :class:`CaptionedDataset` - images (as file paths, or in memory for a packed dataset), their captions,
+  class id/name and split; optionally precomputed caption embeddings.
 * :class:`AnomalyTask` - which classes are normal; gives the normal training images and the test set
   (held-out normal images + every image of the anomaly classes).
 """
@@ -22,7 +23,9 @@ class CaptionedImage:
     """One image with its captions.
 
     `path` is an image file on disk (synthetic images are rendered to a cache folder first), so every
-    dataset is read the same way.
+    dataset is read the same way. The one exception is a packed dataset (`cmg data pack`, loader ``packed``):
+    its pixels live in `CaptionedDataset.images` and `path` is the pseudo path ``<packed file>#<row>``, which
+    is never opened; read pixels through `CaptionedDataset.image_array` / `load_image`, which handle both.
     """
 
     image_id: str
@@ -35,17 +38,52 @@ class CaptionedImage:
 
 @dataclass
 class CaptionedDataset:
-    """A list of captioned images plus the class names (index = class id)."""
+    """A list of captioned images plus the class names (index = class id).
+
+    Optional, for packed datasets (see :mod:`cmg_core.data.packed`):
+
+    * `images`: (N, S, S, 3) uint8 pixels of every item at one size S, in item order; then item paths are
+      pseudo paths and pixels come from this array.
+    * `caption_embeddings`: text model name -> ((U, T) float32 table of distinct captions, (N, C) int32 index
+      of each item's captions into the table, -1 padded).
+
+    Use :meth:`image_array` and :meth:`caption_embeddings_for` to read pixels and embeddings the same way
+    for file-backed and packed datasets.
+    """
 
     name: str
     items: list[CaptionedImage]
     class_names: list[str]
     root: Path | None = None
     meta: dict = field(default_factory=dict)
+    images: np.ndarray | None = None
+    caption_embeddings: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.items:
             raise DataError(f"dataset {self.name!r} (root={self.root}) contains no images")
+        n_items = len(self.items)
+        if self.images is not None:
+            img = self.images
+            if (not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 4 or img.shape[0] != n_items
+                    or img.shape[1] != img.shape[2] or img.shape[3] != 3):
+                raise DataError(
+                    f"dataset {self.name!r}: in-memory images have shape {getattr(img, 'shape', None)} and dtype "
+                    f"{getattr(img, 'dtype', None)}; expected ({n_items}, S, S, 3) uint8"
+                )
+        for model, entry in (self.caption_embeddings or {}).items():
+            try:
+                table, index = entry
+            except (TypeError, ValueError):
+                raise DataError(f"dataset {self.name!r}: caption embeddings of {model!r} must be a (table, index) "
+                                "pair") from None
+            if (getattr(table, "ndim", 0) != 2 or getattr(index, "ndim", 0) != 2 or index.shape[0] != n_items
+                    or (index.size and int(index.max()) >= table.shape[0])):
+                raise DataError(
+                    f"dataset {self.name!r}: caption embeddings of {model!r} have table "
+                    f"{getattr(table, 'shape', None)} and index {getattr(index, 'shape', None)}; expected (U, T) "
+                    f"and ({n_items}, C) with entries < U"
+                )
         n = len(self.class_names)
         for it in self.items:
             if not 0 <= it.class_id < n:
@@ -80,11 +118,92 @@ class CaptionedDataset:
     def num_captions(self) -> int:
         return sum(len(it.captions) for it in self.items)
 
+    @property
+    def packed_size(self) -> int | None:
+        """The side S of the in-memory images of a packed dataset, None for a file-backed one."""
+        return None if self.images is None else int(self.images.shape[1])
+
+    def _check_packed_size(self, size: int | None) -> None:
+        if size is not None and int(size) != self.packed_size:
+            file = (self.meta.get("packed") or {}).get("file", self.root)
+            raise DataError(
+                f"dataset {self.name!r} is packed at {self.packed_size}x{self.packed_size} pixels ({file}) but "
+                f"{size}x{size} was requested; repack it at that size (`cmg data pack ... --size {size}`) or "
+                f"use image size {self.packed_size}"
+            )
+
     def load_image(self, i: int, size: int | None = None):
-        """The i-th image as an RGB PIL image (optionally resized to size x size)."""
+        """The i-th image as an RGB PIL image (optionally resized to size x size).
+
+        For a packed dataset `size` must be None or the packed size (else DataError)."""
+        if self.images is not None:
+            from PIL import Image
+
+            self._check_packed_size(size)
+            return Image.fromarray(self.images[i])
         from .images import load_rgb
 
         return load_rgb(self.items[i].path, size=size)
+
+    def image_array(self, rows, size: int | None) -> np.ndarray:
+        """(R, size, size, 3) uint8 pixels of the given rows.
+
+        Packed: the stored pixels (`size` must be the packed size or None, else DataError asking to repack).
+        File-backed: ``load_rgb(path, size=size)`` of each row, the same pixels the packed file stores.
+        With size None a file-backed dataset's images must all have one shape.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self.images is not None:
+            self._check_packed_size(size)
+            return self.images[rows]
+        from .images import load_rgb
+
+        arrs = [np.asarray(load_rgb(self.items[int(i)].path, size=size), dtype=np.uint8) for i in rows]
+        if not arrs:
+            s = 0 if size is None else int(size)
+            return np.zeros((0, s, s, 3), dtype=np.uint8)
+        shapes = {a.shape for a in arrs}
+        if len(shapes) > 1:
+            raise DataError(f"dataset {self.name!r}: images of different sizes {sorted(shapes)[:3]}; "
+                            "give a size to resize them to")
+        return np.stack(arrs)
+
+    def _embedding_entry(self, text_model: str):
+        table = self.caption_embeddings or {}
+        if text_model in table:
+            return table[text_model]
+        try:  # aliases of one model (e.g. the default's names) resolve to the same weights
+            from ..encoders.text import resolve_text_model
+
+            want = resolve_text_model(text_model)[0]
+            for name, entry in table.items():
+                if resolve_text_model(name)[0] == want:
+                    return entry
+        except Exception:  # noqa: BLE001 - an unresolvable name simply has no stored embeddings
+            pass
+        return None
+
+    def caption_embeddings_for(self, rows, text_model: str) -> np.ndarray | None:
+        """(R, C, T) float32 stored caption embeddings of the rows, or None when none are stored for `text_model`.
+
+        C is the largest caption count among the rows; an image with fewer captions repeats its own
+        cyclically (caption j = captions[j % len]), the layout of `pipeline.caption_tensor`.
+        """
+        entry = self._embedding_entry(text_model)
+        if entry is None:
+            return None
+        table, index = entry
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        sub = np.asarray(index)[rows]  # (R, Cmax), -1 padded
+        counts = (sub >= 0).sum(1)
+        if len(rows) and counts.min() == 0:
+            bad = int(rows[int(np.argmin(counts))])
+            raise DataError(f"dataset {self.name!r}: image {self.items[bad].image_id!r} has no stored caption "
+                            f"embedding for {text_model!r}")
+        c = int(counts.max()) if len(rows) else 0
+        cols = np.arange(c)[None, :] % np.maximum(counts, 1)[:, None]  # (R, C)
+        picked = np.take_along_axis(sub, cols, axis=1)
+        return np.asarray(table, dtype=np.float32)[picked]
 
     def class_id(self, name_or_id: str | int) -> int:
         """Class id from a class name or id; raises DataError naming the valid choices."""

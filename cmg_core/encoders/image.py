@@ -5,6 +5,8 @@
 * `resnet18`, `resnet50` - torchvision, trained from scratch by default (no ImageNet weights ship offline);
   `cifar_stem=True` swaps the 7x7/stride-2 stem + max-pool for a 3x3/stride-1 stem (small images);
   `weights="imagenet"` asks torchvision for its ImageNet weights (needs internet or torch's hub cache).
+* `cnn` - a small 8-layer VGG-style CNN for 32 px images trained from scratch on CPU: four stages of two
+  3x3 conv-BN-ReLU layers (width w, 2w, 4w, 8w; 2x2 max-pool between stages), global average pool -> 8w.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
+BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "cnn")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -95,8 +97,24 @@ def _resnet(name: str, weights: str | None, cifar_stem: bool) -> tuple[nn.Module
     return model, BackboneSpec(name, dim, IMAGENET_MEAN, IMAGENET_STD, tv_weights is not None)
 
 
+def _small_cnn(width: int) -> tuple[nn.Module, BackboneSpec]:
+    if width < 1:
+        raise ConfigError(f"model.width={width}; expected >= 1")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for stage in range(4):
+        c_out = width * 2 ** stage
+        if stage:
+            layers.append(nn.MaxPool2d(2))
+        for _ in range(2):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), BackboneSpec("cnn", c_in, IMAGENET_MEAN, IMAGENET_STD, False)
+
+
 def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, cifar_stem: bool = False,
-                   weights: str | None = None) -> tuple[nn.Module, BackboneSpec]:
+                   weights: str | None = None, width: int = 32) -> tuple[nn.Module, BackboneSpec]:
     """Build a feature extractor and its spec (feature dim, normalisation, whether weights are pretrained)."""
     if name == "efficientnet_lite0":
         if cifar_stem:
@@ -104,6 +122,10 @@ def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, ci
         return _efficientnet_lite0(pretrained)
     if name in ("resnet18", "resnet50"):
         return _resnet(name, weights, cifar_stem)
+    if name == "cnn":
+        if weights not in (None, "none", ""):
+            raise ConfigError(f"backbone 'cnn' has no pretrained weights (got weights={weights!r})")
+        return _small_cnn(width)
     raise ConfigError(f"unknown image backbone {name!r}; expected one of {list(BACKBONES)}")
 
 

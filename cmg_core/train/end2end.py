@@ -1,0 +1,263 @@
+"""Feature backend `end2end`: encoders trained end to end on the task's images (meant for a GPU; small CNNs fit
+a CPU).
+
+Every image of the task is held once as uint8 (R, 3, S, S) on the device (`Run.images`); SimCLR views are drawn
+per image and made for whole batches on the device (`nets.batch_simclr_augment`). On CUDA the forward passes
+run under bf16 autocast with channels_last tensors (`train.amp`).
+
+* `End2EndE1` (`e1.encoder: end2end`): backbone + ImageHead trained with Eq.1 on augmented images; CMER scores
+  the original and all M masked variants in one pass; RID reads E1's backbone features.
+* `End2EndE2`: a fresh backbone per method. Every method draws the same shuffled batches and the same
+  augmentations (one generator per epoch), so NT-Xent sees the same negatives in every method. L_global
+  (`cmg[lle]`) adds E2's features of the batch's un-augmented images (in the same forward) and reconstructs
+  them from a memory bank of every training image's features: filled in eval mode at the start of each epoch,
+  each step's batch rows replaced by their fresh (gradient-carrying) features and written back detached.
+  `cmg[supcon]` uses the batch's caption-cluster labels on the two views; cmg-mse maps the clean features to
+  the text space.
+
+Multi-GPU (torchrun): DistributedSampler shards (drop_last, disjoint), DDP (SyncBatchNorm on CUDA), the
+contrastive losses over the batch gathered from all ranks (scaled by world_size: DDP averages gradients).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as D
+from ..losses import duplicate_caption_mask, image_text_contrastive_loss, matching_score
+from ..masks import apply_masks
+from ..models import E2Encoder
+from .frozen import make_optimizer
+from .nets import E2Train, batch_simclr_augment, build_e1, build_e2, save_atomic
+from .objective import Guidance, MethodSpec, e2_step_loss
+
+
+def make_schedule(opt, stage_cfg):
+    """Cosine over the stage's epochs (`schedule: cosine`) or a constant learning rate (`constant`)."""
+    if getattr(stage_cfg, "schedule", "cosine") == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(stage_cfg.epochs, 1))
+
+
+def _augment(run, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    e2 = run.cfg.e2
+    return batch_simclr_augment(x, gen, crop_scale=tuple(e2.crop_scale), vflip=e2.vflip)
+
+
+def _resume(run, ckpt, weights, opt, sched, label: str, stage: str, method: str | None) -> int:
+    start = 0
+    if run.exists(ckpt):
+        state = torch.load(ckpt, map_location=run.device, weights_only=True)
+        weights.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"])
+        run.log(f"{label}: resuming after epoch {start}")
+    run.w.clear_history(stage, method, after_epoch=start)  # records after the checkpoint are re-run
+    return start
+
+
+class End2EndE1:
+    """E1 trained end to end on images (Eq.1); its backbone features are RID's input."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def train_and_score(self):
+        run, cfg, n = self.run, self.run.cfg, self.run.n_train
+        final, ckpt = run.models / "e1.pt", run.ckpt / "e1.pt"
+        torch.manual_seed(run.stage_seed(1))
+        model, _ = build_e1(cfg, run.captions.shape[-1])
+        model = run.to_device(model)
+        if run.exists(final):
+            model.load_state_dict(torch.load(final, map_location=run.device, weights_only=True)["model"])
+        else:
+            self._train(model, ckpt)
+            if run.main:
+                save_atomic({"model": model.state_dict(), "encoder": "end2end"}, final)
+                ckpt.unlink(missing_ok=True)  # models/e1.pt supersedes it
+            D.barrier()
+        self.model = model.eval()
+        return self._pass()
+
+    def _train(self, model, ckpt) -> None:
+        run, cfg, n = self.run, self.run.cfg, self.run.n_train
+        model = run.sync_bn(model)
+        ddp = run.ddp(model)
+        opt = make_optimizer(model.parameters(), cfg.e1)
+        sched = make_schedule(opt, cfg.e1)
+        start = _resume(run, ckpt, model, opt, sched, "E1", "e1", None)
+        sampler = run.sampler(n, run.stage_seed(1))
+        per_rank = max(2, cfg.e1.batch_size // run.world)
+        c = run.captions.shape[1]
+        caps = run.captions[:n].to(run.device)
+        for epoch in range(start, cfg.e1.epochs):
+            sampler.set_epoch(epoch)
+            shard = list(sampler)
+            gen = torch.Generator().manual_seed(run.stage_seed(1) * 7919 + epoch * run.world + run.rank)
+            ddp.train()
+            total, steps = 0.0, 0
+            for s in range(0, len(shard), per_rank):
+                idx = torch.tensor(shard[s : s + per_rank])
+                if len(idx) < 2:
+                    continue
+                x = _augment(run, run.batch(idx), gen)
+                pick = torch.randint(c, (len(idx),), generator=gen).to(run.device)
+                txt_raw = caps[idx.to(run.device), pick]
+                with run.autocast():
+                    img, txt = ddp(x, txt_raw)
+                img_all, _ = D.all_gather_rows(img.float(), keep_grad=True)
+                txt_all, _ = D.all_gather_rows(txt.float(), keep_grad=True)
+                raw_all, _ = D.all_gather_rows(txt_raw)
+                mask = duplicate_caption_mask(raw_all) if cfg.e1.dedupe_captions else None
+                loss = image_text_contrastive_loss(img_all, txt_all, cfg.e1.temperature, symmetric=cfg.e1.symmetric,
+                                                   positive_mask=mask, exclude_positive=cfg.e1.exclude_positive)
+                opt.zero_grad(set_to_none=True)
+                (loss * run.world).backward()
+                opt.step()
+                total, steps = total + loss.item(), steps + 1
+            sched.step()
+            if run.main and run.want_checkpoint(epoch + 1, cfg.e1.epochs):
+                save_atomic({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict()}, ckpt)
+            run.epoch_cb(cfg.e1.epochs, "E1")({"stage": "e1", "method": None, "epoch": epoch + 1,
+                                               "loss": total / max(steps, 1)})
+
+    @torch.no_grad()
+    def _pass(self):
+        """One batched pass per B images over the originals + all M masked variants (B * (M + 1) images):
+        Eq.2 scores (R, M), E1 backbone features of the originals (R, F) and of the variants (R, M, F)."""
+        run, cfg, model = self.run, self.run.cfg, self.model
+        m, r = cfg.cmer.n_regions, len(run.rows)
+        bs = max(1, cfg.e1.batch_size)
+        scores, orig, masked = [], [], []
+        for s in range(0, r, bs):
+            idx = torch.arange(s, min(s + bs, r))
+            x = run.batch(idx)
+            variants = apply_masks(x, run.masks)  # (b, M, 3, S, S)
+            with run.autocast():
+                feats, emb = model.image(torch.cat([x, variants.flatten(0, 1)]))
+                txt = model.text(run.captions[idx].to(run.device))  # (b, C, D)
+            b = len(idx)
+            feats, emb, txt = feats.float(), emb.float(), txt.float()
+            sims = matching_score(emb[b:].view(b, m, 1, -1), txt.unsqueeze(1))  # (b, M, C)
+            scores.append((sims.mean(-1) if cfg.cmer.caption_reduce == "mean" else sims.max(-1).values).cpu())
+            orig.append(feats[:b].cpu())
+            masked.append(feats[b:].view(b, m, -1).cpu())
+            run.progress("CMER", min(s + bs, r), r)
+        return torch.cat(scores).numpy(), torch.cat(orig), torch.cat(masked)
+
+
+class End2EndE2:
+    """E2 = a backbone + projection trained end to end per method."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def build(self, text_dim: int | None) -> E2Encoder:
+        torch.manual_seed(self.run.stage_seed(5))
+        return self.run.to_device(build_e2(self.run.cfg, text_dim))
+
+    @torch.no_grad()
+    def embed(self, enc: E2Encoder, spec: MethodSpec, rows: np.ndarray | None = None, batch_size: int = 256,
+              masks: np.ndarray | None = None) -> np.ndarray:
+        """E2 features (h, or z with detector.features=projection) of the un-augmented images of `rows`
+        (default: all), RID-masked for ER methods (or masked by `masks`)."""
+        run = self.run
+        rows = np.arange(len(run.rows)) if rows is None else rows
+        masks = masks if masks is not None else (run.rid_choice if spec.er else None)
+        enc.eval()
+        out = []
+        for s in range(0, len(rows), batch_size):
+            x = run.batch(torch.as_tensor(rows[s : s + batch_size]), masks)
+            with run.autocast():
+                h, z = enc(x)
+            out.append((z if run.cfg.detector.features == "projection" else h).float().cpu())
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def _fill_bank(self, enc: E2Encoder, masks, normalize: bool) -> torch.Tensor:
+        """(N, H) features of every training image in eval mode (BatchNorm running statistics, as scored)."""
+        was_training = enc.training
+        enc.eval()
+        parts = []
+        for s in range(0, self.run.n_train, 256):
+            idx = torch.arange(s, min(s + 256, self.run.n_train))
+            with self.run.autocast():
+                h, _ = enc(self.run.batch(idx, masks))
+            parts.append(F.normalize(h.float(), dim=-1) if normalize else h.float())
+        enc.train(was_training)
+        return torch.cat(parts)
+
+    def train(self, spec: MethodSpec, g: Guidance, evaluate) -> E2Encoder:
+        run, cfg, n = self.run, self.run.cfg, self.run.n_train
+        e2 = cfg.e2
+        enc = self.build(g.mse_targets.shape[1] if g.mse_targets is not None else None)
+        model = run.sync_bn(E2Train(enc))
+        enc = model.enc
+        ddp = run.ddp(model)
+        opt = make_optimizer(model.parameters(), e2)
+        sched = make_schedule(opt, e2)
+        ckpt = run.ckpt / f"e2_{run.slug(spec)}.pt"
+        start = _resume(run, ckpt, enc, opt, sched, f"E2 ({spec.name})", "e2", spec.name)
+        g.to(run.device)
+        train_masks = run.cmer_label if spec.er else None  # E2 trains on CMER's choice
+        per_rank = max(2, e2.batch_size // run.world)
+        sampler = run.sampler(n, run.stage_seed(5))
+        lle = g.lle_weights is not None
+        for epoch in range(start, e2.epochs):
+            sampler.set_epoch(epoch)
+            shard = list(sampler)
+            gen = torch.Generator().manual_seed(run.stage_seed(5) * 7919 + epoch * run.world + run.rank)
+            bank = self._fill_bank(enc, train_masks, g.normalize) if lle else None
+            ddp.train()
+            sums, steps = {}, 0
+            for s in range(0, len(shard), per_rank):
+                idx = torch.tensor(shard[s : s + per_rank])
+                if len(idx) < 2:
+                    continue
+                b = len(idx)
+                clean = run.batch(idx, train_masks)
+                v1, v2 = _augment(run, clean, gen), _augment(run, clean, gen)
+                x = torch.cat([v1, v2, clean] if g.needs_clean else [v1, v2])
+                with run.autocast():
+                    h, z, t = ddp(x)
+                z = z.float()
+                z1, _ = D.all_gather_rows(z[:b], keep_grad=True)
+                z2, _ = D.all_gather_rows(z[b : 2 * b], keep_grad=True)
+                ids, _ = D.all_gather_rows(idx.to(run.device))
+                h_clean = h[2 * b :].float() if g.needs_clean else None
+                idx_dev = idx.to(run.device)
+                bank_b = None
+                if lle:
+                    hn = F.normalize(h_clean, dim=-1) if g.normalize else h_clean
+                    bank_b = bank.index_copy(0, idx_dev, hn)
+                text = t[2 * b :].float() if g.mse_targets is not None else None
+                loss, parts = e2_step_loss(g, ids, z1, z2, e2.temperature, h_clean=h_clean, bank=bank_b,
+                                           text_pred=text, local_idx=idx, contrast_scale=run.world)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if lle:  # every rank's fresh features into the bank
+                    all_idx, _ = D.all_gather_rows(idx_dev)
+                    all_h, _ = D.all_gather_rows(hn.detach())
+                    bank.index_copy_(0, all_idx, all_h)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+            sched.step()
+            keys = ("loss", "simclr", "global", "mse")
+            mean = D.all_reduce_mean(torch.tensor([sums.get(k, 0.0) / max(steps, 1) for k in keys],
+                                                  dtype=torch.float64))
+            rec = {"stage": "e2", "method": spec.name, "epoch": epoch + 1,
+                   **{k: float(v) for k, v in zip(keys, mean.tolist())}}
+            if run.main:
+                if evaluate is not None:
+                    rec.update(evaluate(enc))
+                if run.want_checkpoint(epoch + 1, e2.epochs):
+                    save_atomic({"epoch": epoch + 1, "model": enc.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict()}, ckpt)
+            run.epoch_cb(e2.epochs, "E2")(rec)
+        enc.eval()
+        return enc

@@ -1,0 +1,158 @@
+"""Feature backend `frozen`: a frozen pretrained trunk whose features are computed once and cached.
+
+* `FrozenE1` - trunk features of every image and of each masked variant (cached on disk, shared by every
+  task and run); E1 is a trainable head on them (Eq.1) and scores the masked variants (Eq.2). Its features
+  are also RID's input. Used by the `frozen` profile, and by the `end2end` profile when `e1.encoder: frozen`
+  (the default: CMER's labels then do not come from a network trained on a few hundred images).
+* `HeadE2` - E2 of the `frozen` profile: an MLP head on cached trunk features of augmented views; every step
+  recomputes the features of all N training images, so L_global's neighbours are current (exact Eq.13).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..features import Trunk, augmented_view_features, cached_mask_features
+from ..models import E2Head, ImageHead, TextProjection
+from ..runs import write_npy
+from ..stages import E1Model, _batches, _feature_views, _restore, _snapshot, e2_features, train_e1
+from ..utils import resolve_trunk_precision
+from .objective import Guidance, MethodSpec, e2_step_loss
+
+
+def build_trunk(cfg, device) -> Trunk:
+    m = cfg.model
+    return Trunk.build(m.trunk, m.pretrained, device, precision=resolve_trunk_precision(m.trunk_precision,
+                       device), weights=m.backbone_weights if m.trunk != "efficientnet_lite0" else None,
+                       cifar_stem=m.cifar_stem if m.trunk != "efficientnet_lite0" else False)
+
+
+class FrozenE1:
+    """E1 head on frozen-trunk features; the features double as RID's input."""
+
+    def __init__(self, run):
+        self.run = run
+        cfg = run.cfg
+        self.trunk = build_trunk(cfg, run.device)
+        orig, masked = cached_mask_features(run.ds, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
+                                            cfg.cmer.mask, cfg.cmer.soft_value, progress=run.progress,
+                                            apply=run.mask_apply, trunk_size=cfg.model.trunk_image_size)
+        self.orig = torch.from_numpy(orig[run.rows])  # (R, F)
+        self.masked = torch.from_numpy(masked[run.rows])  # (R, M, F)
+        run.log(f"trunk features: {tuple(self.orig.shape)} images, {tuple(self.masked.shape)} masked variants")
+
+    def _model(self) -> E1Model:
+        cfg = self.run.cfg
+        return E1Model(ImageHead(self.orig.shape[1], cfg.model.head_hidden, cfg.model.embed_dim),
+                       TextProjection(self.run.captions.shape[-1], cfg.model.text_hidden, cfg.model.embed_dim))
+
+    def train_and_score(self):
+        """Train (or load) E1 and return (Eq.2 scores (R, M), RID inputs orig (R, F), masked (R, M, F))."""
+        run, cfg, n = self.run, self.run.cfg, self.run.n_train
+        path = run.models / "e1.pt"
+        if path.is_file():
+            state = torch.load(path, weights_only=True)
+            e1 = self._model()
+            e1.image.load_state_dict(state["image"])
+            e1.text.load_state_dict(state["text"])
+        else:
+            state, save = run.checkpoint("e1", "e1")
+            e1 = train_e1(self.orig[:n], run.captions[:n], cfg.e1, cfg.model, run.stage_seed(1),
+                          on_epoch=run.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
+            run.save({"image": e1.image.state_dict(), "text": e1.text.state_dict(), "encoder": "frozen"}, path)
+        scores = e1.score(self.masked, run.captions, cfg.cmer.caption_reduce).numpy()
+        return scores, self.orig, self.masked
+
+
+class HeadE2:
+    """E2 = MLP head on frozen-trunk features (the `frozen` profile)."""
+
+    def __init__(self, run, e1: FrozenE1):
+        self.run, self.e1 = run, e1
+
+    def _views(self, er: bool) -> torch.Tensor:
+        run, cfg = self.run, self.run.cfg
+        path = run.ckpt / ("views_er.npy" if er else "views_plain.npy")
+        if path.is_file():
+            return torch.from_numpy(np.load(path))
+        from ..features import load_images
+
+        images = load_images(run.ds, run.rows[: run.n_train], cfg.data.image_size)
+        views = augmented_view_features(images, run.cmer_label[: run.n_train] if er else None, self.e1.trunk,
+                                        cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value,
+                                        cfg.e2.n_views, run.stage_seed(3), progress=run.progress,
+                                        apply=run.mask_apply)
+        write_npy(path, views)
+        return torch.from_numpy(views)
+
+    def features(self, spec: MethodSpec) -> torch.Tensor:
+        """(R, F) trunk features E2 sees for each row: RID's masked variant for ER methods (train rows too, so
+        the normal statistics are computed exactly as test images are processed), else the original."""
+        if spec.er:
+            return self.e1.masked[torch.arange(len(self.run.rows)), torch.from_numpy(self.run.rid_choice)]
+        return self.e1.orig
+
+    def build(self, text_dim: int | None) -> E2Head:
+        cfg = self.run.cfg
+        return E2Head(self.e1.orig.shape[1], cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
+
+    def embed(self, head: E2Head, spec: MethodSpec) -> np.ndarray:
+        return e2_features(head, self.features(spec))
+
+    def train(self, spec: MethodSpec, g: Guidance, evaluate) -> E2Head:
+        """NT-Xent on cached augmented feature views (+ the method's guidance), final-epoch head."""
+        run, cfg, n = self.run, self.run.cfg, self.run.n_train
+        e2 = cfg.e2
+        clean = (self.e1.masked[torch.arange(n), torch.from_numpy(run.cmer_label[:n])] if spec.er
+                 else self.e1.orig[:n])  # (N, F) E2 trains on CMER's choice
+        views = self._views(spec.er)
+        state, save = run.checkpoint(f"e2_{run.slug(spec)}", "e2", spec.name)
+        torch.manual_seed(run.stage_seed(5))
+        gen = torch.Generator().manual_seed(run.stage_seed(5))
+        head = self.build(g.mse_targets.shape[1] if g.mse_targets is not None else None)
+        opt = make_optimizer(head.parameters(), e2)
+        start = _restore(state, {"model": head}, opt, gen)
+        for epoch in range(start, e2.epochs):
+            head.train()
+            sums, steps = {}, 0
+            for idx in _batches(n, e2.batch_size, gen, drop_last=True):
+                if len(idx) < 2:
+                    continue
+                v1, v2 = _feature_views(views, idx, e2, gen)  # the same draws for every method
+                _, z1 = head(v1)
+                _, z2 = head(v2)
+                h_clean = bank = text = None
+                if g.lle_weights is not None:  # every step: all N clean features, so neighbours are current
+                    h_all, _ = head(clean)
+                    bank = F.normalize(h_all, dim=-1) if g.normalize else h_all
+                    h_clean = h_all[idx]
+                if g.mse_targets is not None:
+                    h_clean = head(clean[idx])[0] if h_clean is None else h_clean
+                    text = head.to_text(h_clean)
+                loss, parts = e2_step_loss(g, idx, z1, z2, e2.temperature, h_clean=h_clean, bank=bank,
+                                           text_pred=text)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+            rec = {"stage": "e2", "method": spec.name, "epoch": epoch + 1,
+                   **{k: v / max(steps, 1) for k, v in sums.items()}}
+            head.eval()
+            if evaluate is not None:
+                rec.update(evaluate(head))
+            save(epoch + 1, _snapshot(epoch + 1, {"model": head}, opt, gen))  # before reporting: no epoch lost
+            run.epoch_cb(e2.epochs, "E2")(rec)
+        head.eval()
+        return head
+
+
+def make_optimizer(params, stage_cfg) -> torch.optim.Optimizer:
+    """Adam or AdamW with the stage's lr, betas and weight decay (`e2.optimizer`, `e2.betas`)."""
+    opt = getattr(stage_cfg, "optimizer", "adamw")
+    betas = tuple(getattr(stage_cfg, "betas", (0.9, 0.999)))
+    if opt == "adam":
+        return torch.optim.Adam(params, lr=stage_cfg.lr, betas=betas, weight_decay=stage_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=stage_cfg.lr, betas=betas, weight_decay=stage_cfg.weight_decay)

@@ -1,0 +1,170 @@
+"""What each method trains E2 with, written once for both feature backends.
+
+A method name is a base method (`ssd`, `ssd+er`, `ssd+le`, `cmg`, `cmg-mse`) with, for the CMLE methods, an
+optional reading in brackets: `cmg[lle]` (the paper's Eq.9-13: L_global pulls an image's embedding towards
+the LLE combination of its caption neighbours' embeddings) or `cmg[supcon]` (the released code: a supervised
+contrastive loss whose positives are the images of the same GMM caption cluster). A plain `cmg` / `ssd+le`
+uses `cmle.loss`.
+
+`Guidance` holds a method's extra targets (LLE weights, caption-cluster labels, MSE targets) and
+`e2_step_loss` combines NT-Xent with them for one batch; the backends only decide how the embeddings of a
+batch (and, for L_global, of the neighbours) are produced.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..losses import lle_reconstruction_loss, mse_distillation_loss, nt_xent_loss, supcon_loss
+
+BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
+READINGS = ("lle", "supcon")
+_USES = {  # base method -> (masked images (ER), CMLE (LE), MSE distillation)
+    "ssd": (False, False, False), "ssd+er": (True, False, False), "ssd+le": (False, True, False),
+    "cmg": (True, True, False), "cmg-mse": (True, False, True)}
+_NAME = re.compile(r"^(?P<base>[a-z0-9+\-]+)(\[(?P<reading>[a-z]+)\])?$")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # as given in train.methods (run files use it)
+    base: str
+    er: bool
+    le: bool
+    mse: bool
+    reading: str | None  # lle | supcon for LE methods, else None
+
+    @property
+    def label(self) -> str:
+        """Name for tables: LE methods always show their reading, e.g. `cmg[supcon]`."""
+        return f"{self.base}[{self.reading}]" if self.le else self.base
+
+
+def parse_method(name: str, default_reading: str = "lle") -> MethodSpec:
+    """'cmg[supcon]' -> MethodSpec(base='cmg', er=True, le=True, mse=False, reading='supcon')."""
+    m = _NAME.match(str(name))
+    if not m or m.group("base") not in _USES:
+        raise ConfigError(f"unknown method {name!r}; expected one of {list(BASE_METHODS)}, and for ssd+le / cmg "
+                          f"optionally a CMLE reading in brackets: {[f'cmg[{r}]' for r in READINGS]}")
+    base, reading = m.group("base"), m.group("reading")
+    er, le, mse = _USES[base]
+    if reading is not None and not le:
+        raise ConfigError(f"method {name!r}: only ssd+le and cmg take a CMLE reading ([lle] or [supcon])")
+    if reading is not None and reading not in READINGS:
+        raise ConfigError(f"method {name!r}: unknown CMLE reading {reading!r}; expected one of {list(READINGS)}")
+    if le and reading is None:
+        reading = default_reading
+    return MethodSpec(name, base, er, le, mse, reading if le else None)
+
+
+def method_label(name: str, default_reading: str = "lle") -> str:
+    return parse_method(name, default_reading).label
+
+
+@dataclass
+class Guidance:
+    """What E2 is trained with besides NT-Xent for one method.
+
+    lle_weights (N, N) sparse LLE weights over the training images (reading `lle`), or
+    cluster_labels (N,) GMM caption-cluster ids (reading `supcon`), or mse_targets (N, T) mean caption
+    embeddings (cmg-mse); at most one of them is set. `weight` is lambda of L = L_SimCLR + lambda * L_CMLE.
+    """
+
+    lle_weights: sp.csr_matrix | None = None
+    cluster_labels: torch.Tensor | None = None
+    mse_targets: torch.Tensor | None = None
+    weight: float = 1.0
+    normalize: bool = True
+    supcon_temperature: float = 0.5
+    supcon_with_simclr: bool = False
+    mse_weight: float = 1.0
+
+    @property
+    def needs_clean(self) -> bool:
+        """Whether a step needs E2's embedding of the un-augmented (masked) images of the batch."""
+        return self.lle_weights is not None or self.mse_targets is not None
+
+    def to(self, device) -> "Guidance":
+        for k in ("cluster_labels", "mse_targets"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, v.to(device))
+        return self
+
+
+def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_weight: float,
+                   clusters_and_weights) -> Guidance:
+    """Guidance of one method. caption_mean (N, T) of the training images; `clusters_and_weights()` returns
+    (GMM labels (N,), LLE weights (N, N) csr), computed once per run and shared by the methods."""
+    g = Guidance(weight=cmle_cfg.weight, normalize=cmle_cfg.normalize,
+                 supcon_temperature=cmle_cfg.supcon_temperature,
+                 supcon_with_simclr=cmle_cfg.supcon_with_simclr, mse_weight=mse_weight)
+    if spec.le:
+        labels, w = clusters_and_weights()
+        if spec.reading == "lle":
+            g.lle_weights = w
+        else:
+            g.cluster_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if spec.mse:
+        g.mse_targets = caption_mean.float()
+    return g
+
+
+def e2_step_loss(g: Guidance, ids: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+                 h_clean: torch.Tensor | None = None, bank: torch.Tensor | None = None,
+                 text_pred: torch.Tensor | None = None, local_idx: torch.Tensor | None = None,
+                 contrast_scale: float = 1.0):
+    """Loss of one E2 step and its parts {loss, simclr, global, mse} (floats).
+
+    ids (B,) training-row indices of the rows of z1, z2 (B, P), the projections of two augmented views (under
+    torchrun: the batch gathered from every rank); local_idx (b,) the rows of this process's h_clean /
+    text_pred (default: ids). h_clean (b, H) E2 features of the batch's un-augmented images (LLE / MSE);
+    bank (N, H) current features of every training image with the batch's rows holding h_clean (L_global's
+    neighbours; already L2-normalised when g.normalize); text_pred (b, T) E2's map of h_clean to the text
+    space (cmg-mse). The contrastive term is multiplied by `contrast_scale` (world_size under DDP, which
+    averages gradients of a loss over gathered rows).
+
+    Contrastive term: NT-Xent (`temperature`), or, for the supcon reading, the supervised contrastive loss over
+    both views with the caption-cluster labels as positives, which replaces NT-Xent as in the released code
+    (or is added with weight lambda when `supcon_with_simclr`).
+    """
+    local_idx = ids if local_idx is None else local_idx
+    parts = {"simclr": 0.0, "global": 0.0, "mse": 0.0}
+    supcon = None
+    if g.cluster_labels is not None:
+        labels = g.cluster_labels[ids.to(g.cluster_labels.device)].to(z1.device)
+        supcon = supcon_loss(z1, z2, labels, g.supcon_temperature)
+        parts["global"] = supcon.item()
+    if supcon is not None and not g.supcon_with_simclr:
+        contrast = supcon
+    else:
+        simclr = nt_xent_loss(z1, z2, temperature)
+        parts["simclr"] = simclr.item()
+        contrast = simclr if supcon is None else simclr + g.weight * supcon
+    loss = contrast * contrast_scale
+    total = contrast.item()
+    if g.lle_weights is not None:
+        if h_clean is None or bank is None:
+            raise ConfigError("L_global (cmle.loss=lle) needs the batch's clean features and the neighbour bank")
+        hn = F.normalize(h_clean, dim=-1) if g.normalize else h_clean
+        w_rows = torch.from_numpy(g.lle_weights[local_idx.cpu().numpy()].toarray()).to(hn.device, hn.dtype)
+        lg = lle_reconstruction_loss(hn, w_rows, bank)
+        loss = loss + g.weight * lg
+        parts["global"] = lg.item()
+        total += g.weight * lg.item()
+    if g.mse_targets is not None:
+        if text_pred is None:
+            raise ConfigError("cmg-mse needs E2's text prediction of the batch's clean features")
+        target = g.mse_targets[local_idx.to(g.mse_targets.device)].to(text_pred.device)
+        lm = mse_distillation_loss(text_pred, target)
+        loss = loss + g.mse_weight * lm
+        parts["mse"] = lm.item()
+        total += g.mse_weight * lm.item()
+    parts["loss"] = total
+    return loss, parts

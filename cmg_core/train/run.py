@@ -1,0 +1,411 @@
+"""One training run, both profiles: data -> caption embeddings -> E1 + CMER -> RID -> E2 per method ->
+detector -> run folder. Written once; a profile only decides how image features are produced:
+
+* `frozen`: E1 is a head on a frozen pretrained trunk's cached features (`frozen.FrozenE1`), E2 a head on
+  cached features of augmented views (`frozen.HeadE2`).
+* `end2end`: E2 is an encoder trained on the images (`end2end.End2EndE2`); E1 is the frozen trunk + head by
+  default (`e1.encoder: frozen`) or trained end to end too (`e1.encoder: end2end`).
+
+Every finished stage is saved and E1/RID/E2 checkpoint every epoch, so an interrupted run resumes where it
+stopped (`cmg train` on the same run folder). Under torchrun (end2end) rank 0 writes every file and computes
+E1/CMER/RID (frozen E1), GMM and LLE; results the other ranks need are broadcast.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import distributed as D
+from ..cmle import cmle_weights, fit_caption_clusters
+from ..config import RunConfig, load_config, mask_apply, save_config, to_dict
+from ..data import load_dataset, make_task
+from ..detector import MahalanobisDetector
+from ..errors import ConfigError
+from ..features import load_images, to_float
+from ..masks import grid_masks
+from ..metrics import detection_metrics
+from ..models import RID
+from ..runs import RunWriter, method_slug, write_csv, write_json, write_npy
+from ..stages import mean_caption_embedding, rid_predict, train_rid
+from ..utils import resolve_device, seed_everything
+from .nets import save_atomic
+from .objective import MethodSpec, build_guidance, parse_method
+
+Progress = Callable[[str, int, int], None]
+
+
+def caption_tensor(dataset, rows: np.ndarray, text_model: str, device: str = "cpu") -> torch.Tensor:
+    """(R, C, T) caption embeddings of the given dataset rows; images with fewer captions repeat theirs.
+    A packed dataset's stored embeddings are used when they are of `text_model` (no text model is loaded)."""
+    stored = dataset.caption_embeddings_for(rows, text_model) if hasattr(dataset, "caption_embeddings_for") else None
+    if stored is not None:
+        return torch.from_numpy(np.asarray(stored, dtype=np.float32))
+    from ..encoders import TextEncoder
+
+    encoder = TextEncoder(text_model, device=device)
+    caps = [list(dataset[i].captions) for i in rows]
+    c = max(len(x) for x in caps)
+    flat = [x[j % len(x)] for x in caps for j in range(c)]
+    return torch.from_numpy(encoder.encode(flat)).view(len(rows), c, -1)
+
+
+def check_resume(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """A run folder holding a different config is an error (unless `overwrite`)."""
+    old = run_dir / "config.yaml"
+    if overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+        return
+    if not old.is_file():
+        return
+    previous = load_config(old)
+    a = {k: v for k, v in to_dict(previous).items() if k != "out_dir"}
+    b = {k: v for k, v in to_dict(cfg).items() if k != "out_dir"}
+    if a != b:
+        raise ConfigError(f"run folder {run_dir} already holds a run with a different config; "
+                          "choose another name (--set name=...) or pass --overwrite")
+
+
+class _NullWriter:
+    """RunWriter stand-in for ranks other than 0: they write nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+class Run:
+    """State of one run while it trains; `run()` is the whole straight line."""
+
+    def __init__(self, cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False):
+        self.cfg = cfg
+        self.dist = D.init_distributed() if cfg.model.profile == "end2end" else D.DistInfo()
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.main = self.rank == 0
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.ckpt, self.models = self.run_dir / "checkpoints", self.run_dir / "models"
+        self._progress_cb = progress
+        self.mask_apply = mask_apply(cfg)
+        self._clusters = None
+        error = None
+        if self.main:
+            try:
+                check_resume(self.run_dir, cfg, overwrite)
+                self.w = RunWriter(self.run_dir)
+            except ConfigError as exc:
+                error = str(exc)
+        else:
+            self.w = _NullWriter()
+        error = D.broadcast_object(error)
+        if error is not None:
+            D.cleanup(self.dist)
+            raise ConfigError(error)
+
+    # --- bookkeeping (rank 0 writes) ---------------------------------------------------------------
+    def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
+        if self.main:
+            self.w.progress(stage, done, total, message)
+            if self._progress_cb:
+                self._progress_cb(stage, done, total)
+
+    def log(self, msg: str) -> None:
+        self.w.log(msg)
+
+    def stage_seed(self, k: int) -> int:
+        return self.cfg.train.seed * 1000 + k
+
+    def slug(self, spec: MethodSpec) -> str:
+        return method_slug(spec.name)
+
+    def exists(self, path: Path) -> bool:
+        """Rank 0's view of whether a file exists (every rank takes the same decision)."""
+        return bool(D.broadcast_object(path.is_file() if self.main else None))
+
+    def save(self, obj, path: Path) -> None:
+        if self.main:
+            save_atomic(obj, path)
+
+    def checkpoint(self, name: str, stage: str, method: str | None = None):
+        """(state to resume from or None, callback saving each epoch) for a stage's per-epoch checkpoint.
+        History records after the checkpoint's epoch are dropped: the resumed epochs write them again."""
+        path = self.ckpt / f"{name}.pt"
+        state = torch.load(path, weights_only=True) if path.is_file() else None
+        self.w.clear_history(stage, method, after_epoch=int(state["epoch"]) if state else 0)
+        return state, lambda epoch, st: self.save(st, path)
+
+    def epoch_cb(self, total: int, label: str):
+        def cb(rec: dict) -> None:
+            self.w.history(**rec)
+            self.progress(f"{label}" + (f" ({rec['method']})" if rec.get("method") else ""), rec["epoch"], total,
+                          " ".join(f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)))
+        return cb
+
+    def want_checkpoint(self, epoch: int, total: int) -> bool:
+        every = max(int(self.cfg.train.checkpoint_every), 1)
+        return epoch % every == 0 or epoch == total
+
+    # --- devices and processes (end2end) -----------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def to_device(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
+
+    def ddp(self, model: nn.Module) -> nn.Module:
+        if not self.dist.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+
+    def sync_bn(self, model: nn.Module) -> nn.Module:
+        if self.dist.distributed and self.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def sampler(self, n: int, seed: int):
+        from torch.utils.data import DistributedSampler
+
+        return DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed,
+                                  drop_last=self.world > 1)
+
+    def batch(self, idx: torch.Tensor, masks: np.ndarray | None = None) -> torch.Tensor:
+        """Float images of rows `idx` on the device, multiplied by masks[index] per row when given."""
+        x = to_float(self.images[idx.to(self.images.device)])
+        if masks is not None:
+            x = x * self.masks[torch.as_tensor(masks[idx.cpu().numpy()], device=self.device)]
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # --- stages ------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        self.device = D.device_for(resolve_device(cfg.train.device), self.dist)
+        self.amp = bool(cfg.train.amp) and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if self.main:  # rank 0 first: generating a dataset cache is not safe to do concurrently
+            self.ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+        D.barrier()
+        if not self.main:
+            self.ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+        t = self.task = make_task(self.ds, cfg.task.normal_classes, cfg.task.n_normal, cfg.task.seed,
+                                  cfg.task.holdout)
+        self.rows = np.concatenate([t.train_idx, t.test_idx])
+        self.n_train = len(t.train_idx)
+        self.is_anomaly = np.concatenate([np.zeros(self.n_train, int), t.test_is_anomaly])
+        self.roles = np.array(["train"] * self.n_train + ["test"] * len(t.test_idx))
+        self.specs = [parse_method(m, cfg.cmle.loss) for m in cfg.train.methods]
+        if not self.main:
+            return
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.w.update_info(name=cfg.name, status="running", created=time.time(), profile=cfg.model.profile,
+                           methods=list(cfg.train.methods), method_labels={s.name: s.label for s in self.specs},
+                           dataset={"name": cfg.data.name, "root": cfg.data.root}, class_names=self.ds.class_names,
+                           normal_classes=list(t.normal_classes), n_regions=cfg.cmer.n_regions, mask=cfg.cmer.mask,
+                           mask_apply=self.mask_apply, e1_encoder=cfg.e1.encoder, image_size=cfg.data.image_size,
+                           device=str(self.device), world_size=self.world, host=platform.node(), error=None)
+        items = [self.ds[i] for i in self.rows]
+        write_csv(self.run_dir / "images.csv", pd.DataFrame({
+            "row": np.arange(len(self.rows)), "index": self.rows, "image_id": [it.image_id for it in items],
+            "path": [str(it.path) for it in items], "class_id": [it.class_id for it in items],
+            "class_name": [it.class_name for it in items], "role": self.roles, "is_anomaly": self.is_anomaly,
+            "captions": [" | ".join(it.captions) for it in items]}))
+        self.log(f"task: {t.describe(self.ds)}; device {self.device}; {self.world} process(es); "
+                 f"profile {cfg.model.profile}")
+
+    def text(self) -> None:
+        self.progress("text embeddings", 0, 1)
+        caps = caption_tensor(self.ds, self.rows, self.cfg.model.text_model, str(self.device)) if self.main else None
+        self.captions = D.broadcast_object(caps).float()  # (R, C, T) on CPU
+        self.caption_mean = mean_caption_embedding(self.captions)
+        self.progress("text embeddings", 1, 1)
+
+    def images_on_device(self) -> None:
+        s = self.cfg.data.image_size
+        self.progress("images", 0, 1)
+        self.images = load_images(self.ds, self.rows, s).to(self.device)  # (R, 3, S, S) uint8
+        self.masks = grid_masks(s, s, self.cfg.cmer.n_regions, self.cfg.cmer.mask, self.cfg.cmer.soft_value
+                                ).to(self.device)
+        self.progress("images", 1, 1)
+
+    def e1_and_cmer(self) -> None:
+        """E1 (Eq.1) and CMER's labels (Eq.2); RID's inputs are kept for `rid`."""
+        from .frozen import FrozenE1
+
+        cfg = self.cfg
+        if cfg.e1.encoder == "end2end":
+            from .end2end import End2EndE1
+
+            self.e1 = End2EndE1(self)
+            out = self.e1.train_and_score()
+        else:
+            self.e1 = FrozenE1(self) if self.main else None
+            out = self.e1.train_and_score() if self.main else None
+        out = D.broadcast_object(out if self.main else None)
+        self.e1_scores, self.rid_orig, self.rid_masked = out
+        self.cmer_label = self.e1_scores.argmax(1)
+        m = cfg.cmer.n_regions
+        self.log(f"CMER labels on training images: {np.bincount(self.cmer_label[: self.n_train], minlength=m).tolist()}"
+                 f" (M={m})")
+
+    def rid(self) -> None:
+        out = self._rid_main() if self.main else None
+        self.rid_probs = D.broadcast_object(out)
+        self.rid_choice = self.rid_probs.argmax(1)
+
+    def _rid_main(self) -> np.ndarray:
+        cfg, n = self.cfg, self.n_train
+        masked, orig = self.rid_masked, self.rid_orig
+        path = self.models / "rid.pt"
+        rid = RID(masked.shape[-1], tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
+        if path.is_file():
+            rid.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            gen = np.random.default_rng(self.stage_seed(2))
+            val = np.zeros(n, bool)
+            val[gen.permutation(n)[: int(round(cfg.cmer.rid_val_fraction * n))]] = True
+            state, save = self.checkpoint("rid", "rid")
+            rid = train_rid(masked[:n], orig[:n], torch.from_numpy(self.cmer_label[:n]).long(), torch.from_numpy(val),
+                            cfg.cmer, self.stage_seed(2), on_epoch=self.epoch_cb(cfg.cmer.rid_epochs, "RID"),
+                            state=state, on_checkpoint=save)
+            self.save(rid.state_dict(), path)
+        probs = rid_predict(rid, masked, orig).numpy()
+        m = cfg.cmer.n_regions
+        cols = {f"e1_score_{j}": self.e1_scores[:, j] for j in range(m)}
+        cols.update({f"rid_prob_{j}": probs[:, j] for j in range(m)})
+        choice = probs.argmax(1)
+        write_csv(self.run_dir / "cmer.csv", pd.DataFrame({
+            "row": np.arange(len(self.rows)), "role": self.roles, **cols, "cmer_label": self.cmer_label,
+            "rid_choice": choice, "agree": (self.cmer_label == choice).astype(int)}))
+        return probs
+
+    def clusters_and_weights(self):
+        """(GMM caption-cluster labels (N,), LLE weights (N, N) csr) of the training images; once per run."""
+        if self._clusters is None:
+            out = None
+            if self.main:
+                cfg = self.cfg
+                emb = self.caption_mean[: self.n_train].numpy().astype(np.float64)
+                k = cfg.cmle.n_clusters
+                if k > len(emb):
+                    out = f"cmle.n_clusters={k} is larger than the {len(emb)} normal training images"
+                else:
+                    labels, _ = fit_caption_clusters(emb, k, cfg.cmle.covariance_type, seed=self.stage_seed(4))
+                    out = (labels, cmle_weights(emb, labels, cfg.cmle.n_neighbors, cfg.cmle.reg).tocsr())
+                    self.log(f"CMLE: GMM cluster sizes {np.bincount(labels, minlength=k).tolist()}")
+            out = D.broadcast_object(out)
+            if isinstance(out, str):
+                raise ConfigError(out)
+            self.gmm_labels = out[0]
+            self._clusters = out
+        return self._clusters
+
+    def e2_backend(self):
+        if getattr(self, "_e2", None) is None:
+            if self.cfg.model.profile == "frozen":
+                from .frozen import HeadE2
+
+                self._e2 = HeadE2(self, self.e1)
+            else:
+                from .end2end import End2EndE2
+
+                self._e2 = End2EndE2(self)
+        return self._e2
+
+    def train_method(self, spec: MethodSpec) -> dict | None:
+        cfg, n = self.cfg, self.n_train
+        backend = self.e2_backend()
+        final = self.models / f"{self.slug(spec)}.pt"
+        test = slice(n, None)
+        if self.exists(final):
+            if not self.main:
+                return None
+            state = torch.load(final, map_location=self.device, weights_only=True)
+            model = backend.build(state["text_dim"] or None)
+            model.load_state_dict(state["model"])
+            det = MahalanobisDetector.from_state_dict(state["detector"])
+        else:
+            g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights)
+
+            def evaluate(model) -> dict:  # plots only: never used to pick the model
+                if not cfg.train.eval_every_epoch:
+                    return {}
+                h = backend.embed(model, spec)
+                d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance).fit(h[:n])
+                return {"auroc": detection_metrics(self.is_anomaly[test], d.score(h[test]))["auroc"]}
+
+            model = backend.train(spec, g, evaluate)
+            if not self.main:
+                D.barrier()
+                return None
+            h = backend.embed(model, spec)
+            det = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance, seed=cfg.train.seed).fit(h[:n])
+            text_dim = g.mse_targets.shape[1] if g.mse_targets is not None else 0
+            self.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "detector": det.state_dict(),
+                       "method": spec.name, "text_dim": text_dim, "uses_er": spec.er}, final)
+            (self.ckpt / f"e2_{self.slug(spec)}.pt").unlink(missing_ok=True)  # superseded by the final model
+            D.barrier()
+        h = backend.embed(model, spec)
+        write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
+        scores = det.score(h)
+        metrics = detection_metrics(self.is_anomaly[test], scores[test])
+        self.log(f"{spec.label}: AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}")
+        return {"scores": scores, "metrics": metrics}
+
+    def run(self) -> Path:
+        t0 = time.time()
+        try:
+            self.prepare()
+            self.text()
+            if self.cfg.model.profile == "end2end":
+                self.images_on_device()
+            self.e1_and_cmer()
+            self.rid()
+            results = {}
+            for i, spec in enumerate(self.specs):
+                self.progress("methods", i, len(self.specs), spec.name)
+                results[spec.name] = self.train_method(spec)
+            if self.main:
+                finish_run(self, results, t0)
+        except BaseException as exc:
+            if self.main and hasattr(self, "w"):
+                mark_stopped(self, exc)
+            D.cleanup(self.dist, wait=False)
+            raise
+        D.cleanup(self.dist)
+        return self.run_dir
+
+
+def finish_run(run, results: dict, t0: float) -> None:
+    """Write scores.csv and metrics.json of a finished run and mark it done."""
+    write_csv(run.run_dir / "scores.csv", pd.DataFrame(
+        {"row": np.arange(len(run.rows)), "role": run.roles, "is_anomaly": run.is_anomaly,
+         **{f"score_{m}": r["scores"] for m, r in results.items()}}))
+    write_json(run.run_dir / "metrics.json", {m: r["metrics"] for m, r in results.items()})
+    run.w.update_info(status="done", finished=time.time(), wall_time_s=time.time() - t0)
+    run.progress("done", 1, 1)
+    run.log(f"done in {time.time() - t0:.1f} s")
+
+
+def mark_stopped(run, exc: BaseException) -> None:
+    """Record why a run stopped (failed, or interrupted by the user) in run.json and the log."""
+    run.w.update_info(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                      error=f"{exc.__class__.__name__}: {exc}")
+    run.log(f"stopped: {exc.__class__.__name__}: {exc}")
+
+
+def train_run(cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False) -> Path:
+    """Train every method of `cfg` and write the run folder; returns its path. Under torchrun every process
+    calls this (end2end profile); rank 0 writes the run folder."""
+    return Run(cfg, progress=progress, overwrite=overwrite).run()
