@@ -53,7 +53,7 @@ def require_table(run: RunData, table: str) -> bool:
 
 def status_badge(status: str) -> str:
     return {"done": ":green-badge[done]", "running": ":orange-badge[running]",
-            "failed": ":red-badge[failed]"}.get(status, f":gray-badge[{status}]")
+            "failed": ":red-badge[failed]", "partial": ":orange-badge[partial]"}.get(status, f":gray-badge[{status}]")
 
 
 def run_facts(run: RunData) -> list[tuple[str, str]]:

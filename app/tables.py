@@ -19,7 +19,9 @@ def metrics_table(run: RunData) -> pd.DataFrame | None:
     if data:
         df = pd.DataFrame.from_dict(data, orient="index")
         order = [m for m in run.methods if m in df.index] + [m for m in df.index if m not in run.methods]
-        return df.loc[order, [c for c in METRICS if c in df.columns] + [c for c in df.columns if c not in METRICS]]
+        df = df.loc[order, [c for c in METRICS if c in df.columns] + [c for c in df.columns if c not in METRICS]]
+        labels = (run.info or {}).get("method_labels") or {}  # LE methods named with their CMLE reading
+        return df.rename(index=lambda m: labels.get(m, m))
     if not (run.has("scores") and run.has("images")):
         return None
     from cmg_core.metrics import detection_metrics

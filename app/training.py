@@ -26,13 +26,23 @@ LAUNCH_FILE = "launch.json"
 STDOUT_FILE = "stdout.log"
 
 
+METHOD_CHOICES = ("ssd", "ssd+er", "ssd+le[lle]", "ssd+le[supcon]", "cmg[lle]", "cmg[supcon]", "cmg-mse")
+
+
+def config_files(folder: str | Path = REPO / "configs") -> list[Path]:
+    """The YAML config files a run can start from (the project's configs/ folder)."""
+    return sorted(Path(folder).glob("*.yaml"))
+
+
 def build_overrides(name: str, out_dir: str | Path, dataset: str | None = None, root: str | None = None,
                     normal_classes: Sequence[str] | None = None, n_normal: int | None = None,
                     methods: Sequence[str] | None = None, e1_epochs: int | None = None,
                     rid_epochs: int | None = None, e2_epochs: int | None = None, n_regions: int | None = None,
-                    seed: int | None = None, device: str | None = None) -> list[str]:
+                    seed: int | None = None, device: str | None = None, profile: str | None = None) -> list[str]:
     """`key=value` overrides (YAML values) for `cmg train --set`."""
     o = [f"name={name}", f"out_dir={out_dir}"]
+    if profile:
+        o.append(f"model.profile={profile}")
     if dataset:
         o.append(f"data.name={dataset}")
     if root:
@@ -177,6 +187,8 @@ def describe(run_dir: Path) -> Launch | None:
         state = "stalled" if alive is False else "running"
     elif status in ("done", "failed"):
         state = status
+    elif status == "partial":  # stopped by a time budget (CMG_DEADLINE) with some methods finished
+        state = "done"
     elif alive:
         state = "starting"
     else:

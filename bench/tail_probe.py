@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cmg_core.cmle import cmle_weights, fit_caption_clusters
 from cmg_core.data import load_dataset
 from cmg_core.detector import MahalanobisDetector
-from cmg_core.encoders import TextEncoder, build_backbone
+from cmg_core.encoders import build_backbone
 from cmg_core.features import images_to_tensor, simclr_augment, to_float
 from cmg_core.losses import lle_reconstruction_loss, nt_xent_loss
 from cmg_core.metrics import detection_metrics
 from cmg_core.models import E2Head
-from cmg_core.pipeline import caption_tensor
+from cmg_core.train import caption_tensor
 from cmg_core.runs import Run
 from cmg_core.stages import mean_caption_embedding
 
@@ -70,7 +70,7 @@ t0 = time.time()
 clean_all = torch.cat([pre_tail(to_float(images_to_tensor(ds.paths[s:s + 64], SIZE)))
                        for s in range(0, len(ds.paths), 64)])
 print("pre-tail maps of every image", tuple(clean_all.shape), f"{time.time() - t0:.0f}s", flush=True)
-text = TextEncoder(cfg.model.text_model)
+
 c = cfg.cmle
 
 for seed in seeds:
@@ -84,7 +84,7 @@ for seed in seeds:
     aug = simclr_augment(SIZE)
     imgs = to_float(images_to_tensor([ds.paths[i] for i in rows[:n]], SIZE))
     views = torch.stack([pre_tail(torch.stack([aug(im) for im in imgs])) for _ in range(V)], 1)  # (n, V, C, h, w)
-    caps = mean_caption_embedding(caption_tensor(ds, rows[:n], text)).numpy().astype(np.float64)
+    caps = mean_caption_embedding(caption_tensor(ds, rows[:n], cfg.model.text_model)).numpy().astype(np.float64)
     labels, _ = fit_caption_clusters(caps, c.n_clusters, c.covariance_type, seed=cfg.train.seed * 1000 + 4)
     W = torch.from_numpy(cmle_weights(caps, labels, c.n_neighbors, c.reg).toarray()).float()
     res = {}

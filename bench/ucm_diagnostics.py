@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cmg_core.cmle import cmle_weights, fit_caption_clusters  # noqa: E402
 from cmg_core.config import mask_apply  # noqa: E402
 from cmg_core.data import load_dataset  # noqa: E402
-from cmg_core.encoders import TextEncoder  # noqa: E402
-from cmg_core.features import Trunk, cached_mask_features  # noqa: E402
+from cmg_core.features import cached_mask_features  # noqa: E402
 from cmg_core.metrics import detection_metrics  # noqa: E402
-from cmg_core.pipeline import caption_tensor  # noqa: E402
+from cmg_core.train import caption_tensor  # noqa: E402
+from cmg_core.train.frozen import build_trunk  # noqa: E402
 from cmg_core.runs import Run  # noqa: E402
 from cmg_core.detector import MahalanobisDetector  # noqa: E402
 from cmg_core.scoring import l2_normalize  # noqa: E402
@@ -54,10 +54,10 @@ def task_diagnostics(run: Run) -> dict[str, float]:
     n = int((images.role == "train").sum())
     y = images.is_anomaly.to_numpy()[n:]
     ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
-    trunk = Trunk.build(cfg.model.backbone, cfg.model.pretrained, resolve_device("cpu"),
-                        precision=cfg.model.trunk_precision, weights=cfg.model.backbone_weights)
-    orig, masked = cached_mask_features(ds.paths, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
-                                   cfg.cmer.soft_value, apply=mask_apply(cfg))
+    trunk = build_trunk(cfg, resolve_device("cpu"))
+    orig, masked = cached_mask_features(ds, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
+                                        cfg.cmer.soft_value, apply=mask_apply(cfg),
+                                        trunk_size=cfg.model.trunk_image_size)
     raw = orig[rows].astype(np.float64)
     cov = cfg.detector.covariance
     auroc = lambda s: detection_metrics(y, s)["auroc"]  # noqa: E731
@@ -76,7 +76,7 @@ def task_diagnostics(run: Run) -> dict[str, float]:
     for rule, pick in picks.items():
         dropped = masked[rows, pick].astype(np.float64)
         out[f"raw drop {rule}"] = auroc(maha(dropped))
-    caps = mean_caption_embedding(caption_tensor(ds, rows[:n], TextEncoder(cfg.model.text_model))).numpy()
+    caps = mean_caption_embedding(caption_tensor(ds, rows[:n], cfg.model.text_model)).numpy()
     labels, _ = fit_caption_clusters(caps.astype(np.float64), cfg.cmle.n_clusters, cfg.cmle.covariance_type,
                                      seed=cfg.train.seed * 1000 + 4)
     w = cmle_weights(caps.astype(np.float64), labels, cfg.cmle.n_neighbors, cfg.cmle.reg).tocsr()

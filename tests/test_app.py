@@ -490,17 +490,26 @@ def test_train_page_starts_a_run_and_finds_it_after_reload(tmp_path, monkeypatch
     root = tmp_path / "runs"
     root.mkdir()
     monkeypatch.setenv("CMG_RUNS_DIR", str(root))
-    monkeypatch.setattr(training, "build_command", lambda config, overrides, python=sys.executable:
-                        _fake_command(root / next(o[5:] for o in overrides if o.startswith("name=")), 0.5))
+    seen = {}
+
+    def fake_command(config, overrides, python=sys.executable):
+        seen.update(config=config, overrides=list(overrides))
+        return _fake_command(root / next(o[5:] for o in overrides if o.startswith("name=")), 0.5)
+
+    monkeypatch.setattr(training, "build_command", fake_command)
     at = open_page("train")
     assert_clean(at)
+    assert "configs/ucm_captions_scratch.yaml" in at.selectbox(key="tr_config").options
+    at.radio(key="tr_profile_synthetic").set_value("end2end")
     at.text_input(key="tr_name").set_value("from_page")
-    at.multiselect(key="tr_methods").set_value(["ssd", "cmg"])
+    at.multiselect(key="tr_methods").set_value(["ssd", "cmg[supcon]"])
     at.number_input(key="tr_e1").set_value(2)
     submit = [b for b in at.button if b.label == "Start training"]
     submit[0].click().run()
     assert_clean(at)
     assert "Started run **from_page**" in texts(at)
+    assert seen["config"].name == "synthetic.yaml" and "model.profile=end2end" in seen["overrides"]
+    assert 'train.methods=["ssd", "cmg[supcon]"]' in seen["overrides"]
     assert (root / "from_page" / "launch.json").is_file()
     # a fresh session (page reload) finds the running run again
     end = time.time() + 20

@@ -1,4 +1,4 @@
-"""Multi-process training (cmg_core.distributed + the paper profile under torchrun, gloo backend on CPU)."""
+"""Multi-process training (cmg_core.distributed + the end2end profile under torchrun, gloo backend on CPU)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.options={n_per_class: 10, classes: 4}", "data.image_size=32", "model.cifar_stem=false",
         "task.normal_classes=[circle, square]", "e1.epochs=1", "e1.batch_size=16", "cmer.rid_epochs=3",
         "cmle.n_clusters=2", "cmle.n_neighbors=3", "e2.epochs=2", "e2.batch_size=16",
-        "train.methods=[ssd, cmg]", "train.device=cpu", "train.eval_every_epoch=false"]
+        "train.methods=[ssd, cmg]", "train.device=cpu", "train.eval_every_epoch=false",
+        "e1.encoder=end2end", "model.trunk_image_size=null"]
 
 
 def _env(tmp_path: Path) -> dict:
@@ -47,7 +48,6 @@ GRAD_SCRIPT = textwrap.dedent("""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from cmg_core import distributed as D
     from cmg_core.losses import nt_xent_loss
-    from cmg_core.paper import nt_xent_ids
 
     info = D.init_distributed()
     torch.manual_seed(0)
@@ -55,14 +55,13 @@ GRAD_SCRIPT = textwrap.dedent("""
     x1, x2 = torch.randn(8, 6), torch.randn(8, 6)
     if info.world_size == 1:  # reference: the whole batch in one process
         nt_xent_loss(model(x1), model(x2), 0.5).backward()
-    else:  # each rank holds 4 rows; loss over the gathered batch, scaled by world_size (paper.py)
+    else:  # each rank holds 4 rows; loss over the gathered batch, scaled by world_size (train/end2end.py)
         ddp = DDP(model)
         rows = slice(4 * info.rank, 4 * info.rank + 4)
         z1, z2 = ddp(torch.cat([x1[rows], x2[rows]])).split(4)
         g1, _ = D.all_gather_rows(z1, keep_grad=True)
         g2, _ = D.all_gather_rows(z2, keep_grad=True)
-        ids, _ = D.all_gather_rows(torch.arange(8)[rows])
-        (nt_xent_ids(g1, g2, ids, 0.5) * info.world_size).backward()
+        (nt_xent_loss(g1, g2, 0.5) * info.world_size).backward()
         del ddp
     if D.is_main():
         torch.save(model.weight.grad, sys.argv[1])
@@ -87,10 +86,10 @@ def test_gathered_contrastive_loss_gives_the_full_batch_gradient(tmp_path):
 RUN_SCRIPT = textwrap.dedent("""
     import json, os, sys
     from cmg_core.config import load_config
-    from cmg_core.paper import train_paper_run
+    from cmg_core.train import train_run
 
-    cfg = load_config("configs/synthetic_paper.yaml", json.loads(sys.argv[1]))
-    out = train_paper_run(cfg)
+    cfg = load_config("configs/synthetic_end2end.yaml", json.loads(sys.argv[1]))
+    out = train_run(cfg)
     print(f"rank {os.environ['RANK']} finished {out}", flush=True)
 """)
 

@@ -29,7 +29,7 @@ def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
     exp = run_experiment(cfg, log=logs.append)
     per_task = pd.read_csv(exp / "results.csv")
     assert sorted(per_task.seed.unique()) == [0, 1]
-    assert set(per_task.method) == {"ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse"}
+    assert set(per_task.method) == {"ssd", "ssd+er", "ssd+le[lle]", "cmg[lle]", "cmg-mse"}  # tables name the reading
     summary = pd.read_csv(exp / "summary.csv")
     assert {"auroc", "auroc_ci95", "aupr_ci95", "fpr95_ci95"} <= set(summary.columns)
     assert "±" in (exp / "results.md").read_text()
@@ -54,8 +54,8 @@ def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
     diag = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diag)
     d = diag.task_diagnostics(Run.open(exp / "task_seed0"))
-    for m in ("ssd", "cmg"):
-        reported = per_task.query("seed == 0 and method == @m").auroc.item()
+    for m, label in (("ssd", "ssd"), ("cmg", "cmg[lle]")):
+        reported = per_task.query("seed == 0 and method == @label").auroc.item()
         assert d[f"{m} k1"] == pytest.approx(reported, abs=1e-6)
     assert 0 <= d["LLE weight on own class"] <= 100 and 0 <= d["raw knn5"] <= 100
     assert all(0 <= d[f"raw drop {r}"] <= 100 for r in ("cmer", "rid", "random", "worst"))

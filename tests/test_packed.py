@@ -204,3 +204,34 @@ def test_real_ucm_packed_32px(ucm_root, tmp_path):
     assert fields(ds) == fields(src) and ds.class_names == src.class_names
     rows = np.array([0, 777, 2099])
     assert np.array_equal(ds.image_array(rows, 32), src.image_array(rows, 32))
+
+
+def test_training_from_the_packed_file_gives_the_same_numbers(tmp_path, monkeypatch):
+    """The same task and the same scores from the folder and from its packed file (end2end profile: images
+    from the file, caption embeddings from the file instead of the text model, frozen-E1 features from the
+    same pixels)."""
+    import pandas as pd
+
+    from cmg_core.config import load_config
+    from cmg_core.data.packed import pack_dataset
+    from cmg_core.runs import Run
+    from cmg_core.train import train_run
+
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    opts = {"n_per_class": 8, "classes": 4}
+    src = load_dataset("synthetic", None, **opts)
+    pack_dataset(src, 32, tmp_path / "syn.npz", source={"name": "synthetic", "options": opts}, device="cpu")
+    common = [f"out_dir={tmp_path}", "task.normal_classes=[circle, square]", "e1.epochs=2", "cmer.rid_epochs=2",
+              "cmle.n_clusters=2", "cmle.n_neighbors=3", "e2.epochs=1", "e2.batch_size=8", "model.backbone=cnn",
+              "model.width=4", "train.device=cpu", "train.methods=[ssd, cmg[lle], cmg[supcon]]"]
+    runs = {}
+    for name, data in (("folder", ["data.name=synthetic", "data.options={n_per_class: 8, classes: 4}"]),
+                       ("packed", ["data.name=packed", f"data.root={tmp_path / 'syn.npz'}", "data.options={}"])):
+        cfg = load_config("configs/synthetic_end2end.yaml", [*common, *data, f"name={name}"])
+        runs[name] = Run.open(train_run(cfg))
+    a, b = runs["folder"], runs["packed"]
+    assert a.images()[["index", "image_id", "class_id", "role"]].equals(b.images()[["index", "image_id", "class_id",
+                                                                                    "role"]])
+    pd.testing.assert_frame_equal(a.cmer(), b.cmer())
+    pd.testing.assert_frame_equal(a.scores(), b.scores())
+    assert a.metrics() == b.metrics()

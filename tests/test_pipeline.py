@@ -1,4 +1,4 @@
-"""End-to-end runs of the cpu profile on small synthetic sets."""
+"""End-to-end runs of the frozen profile on small synthetic sets."""
 import json
 
 import numpy as np
@@ -9,7 +9,7 @@ from cmg_core.config import load_config
 from cmg_core.data import load_dataset
 from cmg_core.data.synthetic import object_region_fraction
 from cmg_core.errors import ConfigError
-from cmg_core.pipeline import train_run
+from cmg_core.train import train_run
 from cmg_core.runs import RUN_FILES, Run
 
 SMALL = ["data.options={n_per_class: 40, classes: 5}", "task.normal_classes=[circle, square, triangle]",
@@ -176,9 +176,10 @@ def test_mask_apply_option():
     with pytest.raises(ConfigError, match="cmer.apply"):
         load_config("configs/synthetic.yaml", ["cmer.apply=blur"])
     with pytest.raises(ConfigError, match="cmer.apply=feature"):
-        load_config("configs/synthetic.yaml", ["model.profile=paper", "cmer.apply=feature"])
+        load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end", "cmer.apply=feature"])
     from cmg_core.config import mask_apply
 
     assert mask_apply(load_config("configs/synthetic.yaml")) == "feature"
-    assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=paper"])) == "pixel"
+    assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=end2end"])) == "feature"  # frozen E1
+    assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end"])) == "pixel"
     assert mask_apply(load_config("configs/synthetic.yaml", ["cmer.apply=pixel"])) == "pixel"

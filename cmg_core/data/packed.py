@@ -112,11 +112,15 @@ def pack_dataset(
     source: dict | None = None,
     device: str = "auto",
     progress: Progress | None = None,
+    trunk_features: Sequence[dict] | None = None,
 ) -> dict:
     """Write `dataset` at `size` x `size` pixels into ONE packed file `out` (see the module doc for the format).
 
     `text_models`: caption embeddings to store (default: the project's default text model; ``[]`` stores
     none). `source`: ``{"name", "root", "options"}`` recorded in the metadata (defaults from `dataset`).
+    `trunk_features`: frozen-trunk features to store with the file, each ``{"spec": dict, "orig": (N, F),
+    "masked": (N, M, F)}`` (float16 on disk), so a run can use them where the trunk's weights are not installed
+    (``cmg_core.features.trunk_feature_spec`` names what they were computed with).
     Returns the metadata written, plus ``path``, ``bytes`` and ``seconds``.
     The file is written atomically: an interrupted pack never leaves a half file at `out`.
     """
@@ -195,6 +199,8 @@ def pack_dataset(
         "source_meta": plain_meta,
         "source_meta_arrays": sorted(meta_arrays),
         "source_meta_dropped": dropped,
+        "trunk_features": [{"spec": _jsonable(t["spec"]), "key": f"trunk_{k}"}
+                           for k, t in enumerate(trunk_features or [])],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -205,6 +211,12 @@ def pack_dataset(
     arrays["images"] = images
     arrays["labels"] = dataset.labels.astype(np.int32)
     arrays["caption_index"] = index
+    for k, t in enumerate(trunk_features or []):
+        orig, masked = np.asarray(t["orig"]), np.asarray(t["masked"])
+        if orig.ndim != 2 or masked.ndim != 3 or len(orig) != n or len(masked) != n:
+            raise DataError(f"trunk features must be (N, F) and (N, M, F) for the {n} images; got {orig.shape} "
+                            f"and {masked.shape}")
+        arrays[f"trunk_{k}_orig"], arrays[f"trunk_{k}_masked"] = orig.astype(np.float16), masked.astype(np.float16)
     arrays["meta_json"] = np.array(json.dumps(meta))
 
     if progress:
@@ -264,7 +276,8 @@ def load_packed(root: Path, **options) -> CaptionedDataset:
     """Registry loader ``packed``: `root` is the packed FILE. Returns the source dataset (same name, items order,
     class ids and names, captions, splits, image ids) with in-memory `images` and `caption_embeddings`."""
     if options:
-        raise DataError(f"packed dataset: unknown option(s) {sorted(options)}; the packed loader takes none")
+        raise DataError(f"packed dataset: unknown option(s) {sorted(options)}; the packed loader takes none "
+                        "(with a config written for the source dataset, also set data.options={})")
     file = Path(root).expanduser()
     with _open(file) as z:
         meta = _meta(z, file)
@@ -306,6 +319,9 @@ def load_packed(root: Path, **options) -> CaptionedDataset:
     ds_meta["packed"] = {k: meta[k] for k in ("format_version", "source", "image_size", "text_model",
                                               "embedding_dim", "text_models", "created") if k in meta}
     ds_meta["packed"]["file"] = str(file)
+    ds_meta["trunk_features"] = {json.dumps(t["spec"], sort_keys=True): (arrays[t["key"] + "_orig"],
+                                                                      arrays[t["key"] + "_masked"])
+                                 for t in meta.get("trunk_features", []) if t["key"] + "_orig" in arrays}
     return CaptionedDataset(name=meta.get("dataset_name") or meta["source"].get("name") or "packed", items=items,
                             class_names=class_names, root=file, meta=ds_meta, images=images,
                             caption_embeddings=embeddings)

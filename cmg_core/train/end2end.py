@@ -95,6 +95,8 @@ class End2EndE1:
         for epoch in range(start, cfg.e1.epochs):
             sampler.set_epoch(epoch)
             shard = list(sampler)
+            if epoch == start:
+                run.log_shards("e1", epoch + 1, shard)
             gen = torch.Generator().manual_seed(run.stage_seed(1) * 7919 + epoch * run.world + run.rank)
             ddp.train()
             total, steps = 0.0, 0
@@ -209,6 +211,8 @@ class End2EndE2:
         for epoch in range(start, e2.epochs):
             sampler.set_epoch(epoch)
             shard = list(sampler)
+            if epoch == start:
+                run.log_shards(f"e2 {spec.name}", epoch + 1, shard)
             gen = torch.Generator().manual_seed(run.stage_seed(5) * 7919 + epoch * run.world + run.rank)
             bank = self._fill_bank(enc, train_masks, g.normalize) if lle else None
             ddp.train()

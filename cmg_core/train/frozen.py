@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features import Trunk, augmented_view_features, cached_mask_features
+from ..features import (Trunk, augmented_view_features, cached_mask_features, stored_trunk_features,
+                        trunk_feature_spec)
 from ..models import E2Head, ImageHead, TextProjection
 from ..runs import write_npy
 from ..stages import E1Model, _batches, _feature_views, _restore, _snapshot, e2_features, train_e1
@@ -34,13 +35,26 @@ class FrozenE1:
     def __init__(self, run):
         self.run = run
         cfg = run.cfg
-        self.trunk = build_trunk(cfg, run.device)
-        orig, masked = cached_mask_features(run.ds, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
-                                            cfg.cmer.mask, cfg.cmer.soft_value, progress=run.progress,
-                                            apply=run.mask_apply, trunk_size=cfg.model.trunk_image_size)
+        self._trunk = None
+        spec = trunk_feature_spec(cfg.model.trunk, cfg.data.image_size, cfg.model.trunk_image_size,
+                                  cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value, run.mask_apply)
+        stored = stored_trunk_features(run.ds, spec)
+        if stored is not None:  # a packed file carries them: no trunk (nor its weights) needed
+            orig, masked = stored
+            run.log("trunk features: read from the packed file (stored in float16)")
+        else:
+            orig, masked = cached_mask_features(run.ds, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
+                                                cfg.cmer.mask, cfg.cmer.soft_value, progress=run.progress,
+                                                apply=run.mask_apply, trunk_size=cfg.model.trunk_image_size)
         self.orig = torch.from_numpy(orig[run.rows])  # (R, F)
         self.masked = torch.from_numpy(masked[run.rows])  # (R, M, F)
         run.log(f"trunk features: {tuple(self.orig.shape)} images, {tuple(self.masked.shape)} masked variants")
+
+    @property
+    def trunk(self):
+        if self._trunk is None:
+            self._trunk = build_trunk(self.run.cfg, self.run.device)
+        return self._trunk
 
     def _model(self) -> E1Model:
         cfg = self.run.cfg

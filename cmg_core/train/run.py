@@ -12,6 +12,7 @@ E1/CMER/RID (frozen E1), GMM and LLE; results the other ranks need are broadcast
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -156,8 +157,8 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def to_device(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
+        """On the run's device in channels_last (faster convolutions on GPUs and CPUs alike)."""
+        return model.to(self.device).to(memory_format=torch.channels_last)
 
     def ddp(self, model: nn.Module) -> nn.Module:
         if not self.dist.distributed:
@@ -177,14 +178,20 @@ class Run:
         return DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed,
                                   drop_last=self.world > 1)
 
+    def log_shards(self, stage: str, epoch: int, shard: list[int]) -> None:
+        """Under torchrun: every rank's training rows of an epoch, in the log (shards are disjoint)."""
+        shards = D.all_gather_object([int(i) for i in shard])
+        if self.world > 1:
+            import json
+
+            self.log(f"shards {stage} epoch {epoch}: " + json.dumps({str(r): s for r, s in enumerate(shards)}))
+
     def batch(self, idx: torch.Tensor, masks: np.ndarray | None = None) -> torch.Tensor:
         """Float images of rows `idx` on the device, multiplied by masks[index] per row when given."""
         x = to_float(self.images[idx.to(self.images.device)])
         if masks is not None:
             x = x * self.masks[torch.as_tensor(masks[idx.cpu().numpy()], device=self.device)]
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=torch.channels_last)
 
     # --- stages ------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -331,7 +338,7 @@ class Run:
         if self.exists(final):
             if not self.main:
                 return None
-            state = torch.load(final, map_location=self.device, weights_only=True)
+            state = torch.load(final, map_location=self.device, weights_only=False)
             model = backend.build(state["text_dim"] or None)
             model.load_state_dict(state["model"])
             det = MahalanobisDetector.from_state_dict(state["detector"])
@@ -365,19 +372,34 @@ class Run:
 
     def run(self) -> Path:
         t0 = time.time()
+        self.seconds = {}  # wall time per stage -> run.json stage_seconds (how a task's time splits)
+
+        def timed(name, fn, *args):
+            t = time.time()
+            out = fn(*args)
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 2)
+            return out
+
         try:
-            self.prepare()
-            self.text()
+            timed("data", self.prepare)
+            timed("text", self.text)
             if self.cfg.model.profile == "end2end":
-                self.images_on_device()
-            self.e1_and_cmer()
-            self.rid()
-            results = {}
+                timed("data", self.images_on_device)
+            timed("e1+cmer", self.e1_and_cmer)
+            timed("rid", self.rid)
+            results, skipped = {}, []
+            deadline = float(os.environ.get("CMG_DEADLINE", "inf"))  # unix time; set by time-boxed drivers
             for i, spec in enumerate(self.specs):
+                if time.time() > deadline:
+                    skipped = [s.name for s in self.specs[i:]]
+                    self.log(f"time budget (CMG_DEADLINE) reached: stopping before {skipped}")
+                    break
                 self.progress("methods", i, len(self.specs), spec.name)
-                results[spec.name] = self.train_method(spec)
+                results[spec.name] = timed(f"e2 {spec.name}", self.train_method, spec)
+                if self.main:  # finished methods are on disk even if the process is stopped later
+                    write_results(self, results)
             if self.main:
-                finish_run(self, results, t0)
+                finish_run(self, results, t0, skipped)
         except BaseException as exc:
             if self.main and hasattr(self, "w"):
                 mark_stopped(self, exc)
@@ -387,13 +409,20 @@ class Run:
         return self.run_dir
 
 
-def finish_run(run, results: dict, t0: float) -> None:
-    """Write scores.csv and metrics.json of a finished run and mark it done."""
+def write_results(run, results: dict) -> None:
+    """scores.csv and metrics.json of the methods finished so far."""
     write_csv(run.run_dir / "scores.csv", pd.DataFrame(
         {"row": np.arange(len(run.rows)), "role": run.roles, "is_anomaly": run.is_anomaly,
          **{f"score_{m}": r["scores"] for m, r in results.items()}}))
     write_json(run.run_dir / "metrics.json", {m: r["metrics"] for m, r in results.items()})
-    run.w.update_info(status="done", finished=time.time(), wall_time_s=time.time() - t0)
+
+
+def finish_run(run, results: dict, t0: float, skipped: list | None = None) -> None:
+    """Write scores.csv and metrics.json and mark the run done (or `partial` when a time budget stopped it
+    before `skipped` methods; running `cmg train` again trains those)."""
+    write_results(run, results)
+    run.w.update_info(status="partial" if skipped else "done", skipped_methods=skipped or [],
+                      finished=time.time(), wall_time_s=time.time() - t0, stage_seconds=getattr(run, "seconds", {}))
     run.progress("done", 1, 1)
     run.log(f"done in {time.time() - t0:.1f} s")
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU session's work, prepared on CPU: checks, then the paper's regime on UCM, time-boxed.
+#
+#   bash bench/gpu_paper.sh OUTDIR [PACKED] [extra bench/gpu_paper.py options, e.g. --smoke]
+#
+# PACKED (default packed/ucm_captions_32.npz) comes from
+#   .venv/bin/cmg data pack ucm_captions --root ../shared/data/ucm_captions --size 32 \
+#       --out packed/ucm_captions_32.npz --trunk-config configs/ucm_captions_paper.yaml
+# (images, caption embeddings and frozen-trunk features: the GPU machine needs no model weights or text model).
+# Writes OUTDIR/env.txt, OUTDIR/checks.log, OUTDIR/results.md|csv, OUTDIR/logs/, OUTDIR/runs/.
+# Device call (about 7 minutes in all): run(command="bash bench/gpu_paper.sh $OUT packed/ucm_captions_32.npz",
+# carry=["packed"], timeout_s=480).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: bash bench/gpu_paper.sh OUTDIR [PACKED] [options]}
+PACKED=${2:-packed/ucm_captions_32.npz}
+shift $(( $# >= 2 ? 2 : 1 ))
+PY=${PYTHON:-python}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+mkdir -p "$OUT"
+DEVICE=cuda
+case " $* " in *" --smoke "*) DEVICE=cpu ;; esac
+{
+  date; nvidia-smi 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+# (a) checks of the end-to-end path on the device (under a minute)
+timeout 120 "$PY" bench/gpu_checks.py --packed "$PACKED" --device "$DEVICE" --out "$OUT/checks" \
+  $( [ "$DEVICE" = cpu ] && echo "--set model.backbone=cnn --set model.width=4 --set e2.epochs=1" ) \
+  2>&1 | tee "$OUT/checks.log" | grep -E "^(PASS|FAIL)|passed"
+# (b)-(d) the 5-task protocol, every method, both readings; stops cleanly at the budget
+"$PY" bench/gpu_paper.py --packed "$PACKED" --out "$OUT" "$@"
