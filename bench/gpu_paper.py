@@ -33,7 +33,7 @@ SMOKE = ["e2.epochs=1", "e1.epochs=2", "cmer.rid_epochs=2", "e2.batch_size=16", 
 
 
 def task_command(args, backbone: str, seed: int, out: Path) -> list[str]:
-    sets = [f"data.name=packed", f"data.root={args.packed}", f"model.backbone={backbone}", f"task.seed={seed}",
+    sets = ["data.name=packed", f"data.root={args.packed}", f"model.backbone={backbone}", f"task.seed={seed}",
             f"name={backbone}_seed{seed}", f"out_dir={out / 'runs'}", f"train.device={args.device}"]
     if args.smoke:
         sets += SMOKE

@@ -21,7 +21,6 @@ import torch
 from .analysis import dcor_matrix, embed_2d
 from .config import RunConfig, mask_apply
 from .data import load_dataset
-from .encoders import TextEncoder
 from .features import cached_mask_features, load_images, masked_variants, to_float
 from .train import caption_tensor
 from .train.frozen import build_trunk

@@ -65,7 +65,7 @@ class End2EndE1:
         self.run = run
 
     def train_and_score(self):
-        run, cfg, n = self.run, self.run.cfg, self.run.n_train
+        run, cfg = self.run, self.run.cfg
         final, ckpt = run.models / "e1.pt", run.ckpt / "e1.pt"
         torch.manual_seed(run.stage_seed(1))
         model, _ = build_e1(cfg, run.captions.shape[-1])

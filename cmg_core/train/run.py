@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..cmle import cmle_weights, fit_caption_clusters
-from ..config import RunConfig, load_config, mask_apply, save_config, to_dict
+from ..config import RunConfig, mask_apply, save_config
 from ..data import load_dataset, make_task
 from ..detector import MahalanobisDetector
 from ..errors import ConfigError
@@ -33,53 +33,14 @@ from ..features import load_images, to_float
 from ..masks import grid_masks
 from ..metrics import detection_metrics
 from ..models import RID
-from ..runs import RunWriter, method_slug, write_csv, write_json, write_npy
+from ..runs import RunWriter, method_slug, write_csv, write_npy
 from ..stages import mean_caption_embedding, rid_predict, train_rid
-from ..utils import resolve_device, seed_everything
+from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from .nets import save_atomic
 from .objective import MethodSpec, build_guidance, parse_method
+from .records import _NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, write_results
 
 Progress = Callable[[str, int, int], None]
-
-
-def caption_tensor(dataset, rows: np.ndarray, text_model: str, device: str = "cpu") -> torch.Tensor:
-    """(R, C, T) caption embeddings of the given dataset rows; images with fewer captions repeat theirs.
-    A packed dataset's stored embeddings are used when they are of `text_model` (no text model is loaded)."""
-    stored = dataset.caption_embeddings_for(rows, text_model) if hasattr(dataset, "caption_embeddings_for") else None
-    if stored is not None:
-        return torch.from_numpy(np.asarray(stored, dtype=np.float32))
-    from ..encoders import TextEncoder
-
-    encoder = TextEncoder(text_model, device=device)
-    caps = [list(dataset[i].captions) for i in rows]
-    c = max(len(x) for x in caps)
-    flat = [x[j % len(x)] for x in caps for j in range(c)]
-    return torch.from_numpy(encoder.encode(flat)).view(len(rows), c, -1)
-
-
-def check_resume(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """A run folder holding a different config is an error (unless `overwrite`)."""
-    old = run_dir / "config.yaml"
-    if overwrite and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-        return
-    if not old.is_file():
-        return
-    previous = load_config(old)
-    a = {k: v for k, v in to_dict(previous).items() if k != "out_dir"}
-    b = {k: v for k, v in to_dict(cfg).items() if k != "out_dir"}
-    if a != b:
-        raise ConfigError(f"run folder {run_dir} already holds a run with a different config; "
-                          "choose another name (--set name=...) or pass --overwrite")
-
-
-class _NullWriter:
-    """RunWriter stand-in for ranks other than 0: they write nothing."""
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
 
 
 class Run:
@@ -221,6 +182,7 @@ class Run:
                            dataset={"name": cfg.data.name, "root": cfg.data.root}, class_names=self.ds.class_names,
                            normal_classes=list(t.normal_classes), n_regions=cfg.cmer.n_regions, mask=cfg.cmer.mask,
                            mask_apply=self.mask_apply, e1_encoder=cfg.e1.encoder, image_size=cfg.data.image_size,
+                           trunk_precision=resolve_trunk_precision(cfg.model.trunk_precision, self.device),
                            device=str(self.device), world_size=self.world, host=platform.node(), error=None)
         items = [self.ds[i] for i in self.rows]
         write_csv(self.run_dir / "images.csv", pd.DataFrame({
@@ -407,31 +369,6 @@ class Run:
             raise
         D.cleanup(self.dist)
         return self.run_dir
-
-
-def write_results(run, results: dict) -> None:
-    """scores.csv and metrics.json of the methods finished so far."""
-    write_csv(run.run_dir / "scores.csv", pd.DataFrame(
-        {"row": np.arange(len(run.rows)), "role": run.roles, "is_anomaly": run.is_anomaly,
-         **{f"score_{m}": r["scores"] for m, r in results.items()}}))
-    write_json(run.run_dir / "metrics.json", {m: r["metrics"] for m, r in results.items()})
-
-
-def finish_run(run, results: dict, t0: float, skipped: list | None = None) -> None:
-    """Write scores.csv and metrics.json and mark the run done (or `partial` when a time budget stopped it
-    before `skipped` methods; running `cmg train` again trains those)."""
-    write_results(run, results)
-    run.w.update_info(status="partial" if skipped else "done", skipped_methods=skipped or [],
-                      finished=time.time(), wall_time_s=time.time() - t0, stage_seconds=getattr(run, "seconds", {}))
-    run.progress("done", 1, 1)
-    run.log(f"done in {time.time() - t0:.1f} s")
-
-
-def mark_stopped(run, exc: BaseException) -> None:
-    """Record why a run stopped (failed, or interrupted by the user) in run.json and the log."""
-    run.w.update_info(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                      error=f"{exc.__class__.__name__}: {exc}")
-    run.log(f"stopped: {exc.__class__.__name__}: {exc}")
 
 
 def train_run(cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False) -> Path:
