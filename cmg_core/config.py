@@ -173,7 +173,7 @@ class RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks with messages that name the key and the accepted values."""
-    from .train.objective import parse_method
+    from .methods import parse_method
 
     if not cfg.train.methods:
         raise ConfigError(f"train.methods is empty; expected a non-empty subset of {list(METHODS)}")

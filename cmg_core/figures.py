@@ -24,7 +24,7 @@ from .data import load_dataset
 from .features import cached_mask_features, load_images, masked_variants, to_float
 from .train import caption_tensor
 from .train.frozen import build_trunk
-from .train.objective import parse_method
+from .methods import parse_method
 from .runs import Run, write_json
 from .stages import mean_caption_embedding
 from .utils import resolve_device

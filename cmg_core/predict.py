@@ -24,7 +24,7 @@ from .masks import grid_masks
 from .models import RID, E2Head
 from .runs import Run, method_slug
 from .stages import e2_features, rid_predict
-from .train.objective import parse_method
+from .methods import parse_method
 from .utils import resolve_device
 
 

@@ -10,7 +10,8 @@ import torch
 from cmg_core.config import load_config
 from cmg_core.errors import ConfigError
 from cmg_core.losses import lle_reconstruction_loss, nt_xent_loss, supcon_loss
-from cmg_core.train.objective import Guidance, e2_step_loss, method_label, parse_method
+from cmg_core.methods import method_label, parse_method
+from cmg_core.train.objective import Guidance, e2_step_loss
 
 
 def _supcon_reference(z1, z2, labels, t):

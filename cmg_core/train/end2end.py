@@ -30,7 +30,8 @@ from ..masks import apply_masks
 from ..models import E2Encoder
 from .frozen import make_optimizer
 from .nets import E2Train, batch_simclr_augment, build_e1, build_e2, save_atomic
-from .objective import Guidance, MethodSpec, e2_step_loss
+from ..methods import MethodSpec
+from .objective import Guidance, e2_step_loss
 
 
 def make_schedule(opt, stage_cfg):

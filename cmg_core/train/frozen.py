@@ -19,7 +19,8 @@ from ..models import E2Head, ImageHead, TextProjection
 from ..runs import write_npy
 from ..stages import E1Model, _batches, _feature_views, _restore, _snapshot, e2_features, train_e1
 from ..utils import resolve_trunk_precision
-from .objective import Guidance, MethodSpec, e2_step_loss
+from ..methods import MethodSpec
+from .objective import Guidance, e2_step_loss
 
 
 def build_trunk(cfg, device) -> Trunk:

@@ -37,7 +37,8 @@ from ..runs import RunWriter, method_slug, write_csv, write_npy
 from ..stages import mean_caption_embedding, rid_predict, train_rid
 from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from .nets import save_atomic
-from .objective import MethodSpec, build_guidance, parse_method
+from ..methods import MethodSpec, parse_method
+from .objective import build_guidance
 from .records import _NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, write_results
 
 Progress = Callable[[str, int, int], None]

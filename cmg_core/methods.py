@@ -1,0 +1,55 @@
+"""Method names. A method is a base method (`ssd`, `ssd+er`, `ssd+le`, `cmg`, `cmg-mse`) with, for the CMLE
+methods, an optional reading in brackets: `cmg[lle]` (the paper's Eq.9-13: L_global pulls an image's embedding
+towards the LLE combination of its caption neighbours' embeddings) or `cmg[supcon]` (the released code: a
+supervised contrastive loss whose positives are the images of the same GMM caption cluster). A plain `cmg` /
+`ssd+le` uses `cmle.loss`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
+READINGS = ("lle", "supcon")
+_USES = {  # base method -> (masked images (ER), CMLE (LE), MSE distillation)
+    "ssd": (False, False, False), "ssd+er": (True, False, False), "ssd+le": (False, True, False),
+    "cmg": (True, True, False), "cmg-mse": (True, False, True)}
+_NAME = re.compile(r"^(?P<base>[a-z0-9+\-]+)(\[(?P<reading>[a-z]+)\])?$")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # as given in train.methods (run files use it)
+    base: str
+    er: bool
+    le: bool
+    mse: bool
+    reading: str | None  # lle | supcon for LE methods, else None
+
+    @property
+    def label(self) -> str:
+        """Name for tables: LE methods always show their reading, e.g. `cmg[supcon]`."""
+        return f"{self.base}[{self.reading}]" if self.le else self.base
+
+
+def parse_method(name: str, default_reading: str = "lle") -> MethodSpec:
+    """'cmg[supcon]' -> MethodSpec(base='cmg', er=True, le=True, mse=False, reading='supcon')."""
+    m = _NAME.match(str(name))
+    if not m or m.group("base") not in _USES:
+        raise ConfigError(f"unknown method {name!r}; expected one of {list(BASE_METHODS)}, and for ssd+le / cmg "
+                          f"optionally a CMLE reading in brackets: {[f'cmg[{r}]' for r in READINGS]}")
+    base, reading = m.group("base"), m.group("reading")
+    er, le, mse = _USES[base]
+    if reading is not None and not le:
+        raise ConfigError(f"method {name!r}: only ssd+le and cmg take a CMLE reading ([lle] or [supcon])")
+    if reading is not None and reading not in READINGS:
+        raise ConfigError(f"method {name!r}: unknown CMLE reading {reading!r}; expected one of {list(READINGS)}")
+    if le and reading is None:
+        reading = default_reading
+    return MethodSpec(name, base, er, le, mse, reading if le else None)
+
+
+def method_label(name: str, default_reading: str = "lle") -> str:
+    return parse_method(name, default_reading).label
