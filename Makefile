@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: app test install demo clean-venv
+.PHONY: app test install demo gpu-pack clean-venv
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ app: $(STAMP)
 # Rebuild the demo run shipped in assets/ (synthetic data, cpu profile).
 demo: $(STAMP)
 	$(BIN)/cmg demo --out assets/demo_run
+
+# The packed UCM file a GPU session carries (bench/gpu_paper.sh); derived from ../shared/data, never committed.
+gpu-pack: $(STAMP)
+	$(BIN)/cmg data pack ucm_captions --root ../shared/data/ucm_captions --size 32 \
+		--out packed/ucm_captions_32.npz --trunk-config configs/ucm_captions_paper.yaml
 
 clean-venv:
 	rm -rf $(VENV)
