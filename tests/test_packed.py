@@ -235,3 +235,18 @@ def test_training_from_the_packed_file_gives_the_same_numbers(tmp_path, monkeypa
     pd.testing.assert_frame_equal(a.cmer(), b.cmer())
     pd.testing.assert_frame_equal(a.scores(), b.scores())
     assert a.metrics() == b.metrics()
+
+
+def test_pseudo_paths_open_as_images(tmp_path):
+    """The app shows a packed run's images through their pseudo paths (`<file>#<row>`)."""
+    from cmg_core.data.images import open_image
+
+    src = load_dataset("synthetic", None, n_per_class=2, classes=2)
+    pack_dataset(src, 16, tmp_path / "p.npz", text_models=[])
+    ds = load_dataset("packed", tmp_path / "p.npz")
+    img = open_image(ds[3].path)
+    assert img.size == (16, 16) and np.array_equal(np.asarray(img), ds.images[3])
+    with pytest.raises(DataError, match="outside"):
+        open_image(pseudo_path(tmp_path / "p.npz", 99))
+    with pytest.raises(DataError, match="does not exist"):
+        open_image(tmp_path / "nothing.npz#1")

@@ -39,6 +39,10 @@ def open_image(source, name: str | None = None) -> Image.Image:
     label = name or str(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if not path.is_file() and "#" in path.name:  # an image of a packed file: <file>#<row>
+            from .packed import packed_image
+
+            return packed_image(path)
         if not path.is_file():
             raise DataError(f"image file {path} does not exist")
         if path.stat().st_size == 0:

@@ -34,6 +34,8 @@ embeddings.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import time
@@ -65,6 +67,28 @@ def _encode_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 def _decode_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
     raw = data.tobytes()
     return [raw[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+
+@functools.lru_cache(maxsize=2)
+def _packed_images(file: str, mtime: float) -> np.ndarray:
+    with _open(Path(file)) as z:
+        if "images" not in z.files:
+            raise DataError(f"packed dataset file {file} holds no images; the file is damaged, repack it")
+        return z["images"]
+
+
+def packed_image(pseudo: str | Path) -> "Image.Image":
+    """The RGB image behind a pseudo path `<file>#<row>` of a packed dataset (the app shows runs trained from a
+    packed file with it)."""
+    from PIL import Image
+
+    file, _, row = str(pseudo).rpartition("#")
+    if not row.isdigit() or not Path(file).is_file():
+        raise DataError(f"image {pseudo} does not exist (not a file, nor <packed file>#<row> of an existing file)")
+    images = _packed_images(file, Path(file).stat().st_mtime)
+    if not 0 <= int(row) < len(images):
+        raise DataError(f"image {pseudo}: row {row} is outside the packed file's {len(images)} images")
+    return Image.fromarray(images[int(row)])
 
 
 def pseudo_path(file: str | Path, row: int) -> Path:
