@@ -122,6 +122,11 @@ class E2Config:
     feature_dropout: float = 0.1
     n_views: int = 4  # cpu profile: augmented views cached per image and mask
     mse_weight: float = 1.0  # cmg-mse: weight of the MSE distillation term
+    # which E2 features L_global (cmg[lle]) and cmg-mse act on: clean = the un-augmented images of the batch
+    # (an extra forward of b images; end2end: neighbour bank refilled in eval mode every epoch); views = the
+    # two SimCLR views already in the batch (no extra images; end2end: bank filled once in eval mode, then
+    # kept current from the shuffled batches' view features)
+    guidance_on: str = "clean"
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"e2.optimizer={cfg.e2.optimizer!r}; expected 'adam' or 'adamw'")
     if cfg.e2.schedule not in ("cosine", "constant"):
         raise ConfigError(f"e2.schedule={cfg.e2.schedule!r}; expected 'cosine' or 'constant'")
+    if cfg.e2.guidance_on not in ("clean", "views"):
+        raise ConfigError(f"e2.guidance_on={cfg.e2.guidance_on!r}; expected 'clean' or 'views'")
     if len(cfg.e2.crop_scale) != 2 or not 0 < cfg.e2.crop_scale[0] <= cfg.e2.crop_scale[1] <= 1:
         raise ConfigError(f"e2.crop_scale={list(cfg.e2.crop_scale)}; expected [low, high] with 0 < low <= high <= 1")
     if cfg.model.trunk_precision not in ("auto", "bf16", "fp32"):

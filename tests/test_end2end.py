@@ -201,6 +201,68 @@ def test_every_method_sees_the_same_batches_and_views(tmp_path, monkeypatch):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("on", ["clean", "views"])
+def test_guidance_on_clean_or_views(tmp_path, monkeypatch, on):
+    """e2.guidance_on: clean adds the b un-augmented images to each forward and refills the bank every epoch;
+    views forwards only the two views (2b images) and fills the bank once; both train L_global and cmg-mse."""
+    import cmg_core.train.end2end as e2e
+    from cmg_core.train.nets import E2Train
+
+    sizes, fills, parts = [], [], []
+    real_fwd, real_fill, real_loss = E2Train.forward, e2e.End2EndE2._fill_bank, e2e.e2_step_loss
+
+    def spy_fwd(self, x):
+        if self.training:
+            sizes.append(len(x))
+        return real_fwd(self, x)
+
+    def spy_fill(self, *a, **k):
+        fills.append(1)
+        return real_fill(self, *a, **k)
+
+    def spy_loss(g, ids, z1, *a, **k):
+        loss, p = real_loss(g, ids, z1, *a, **k)
+        parts.append((len(z1), len(k["local_idx"]), p))
+        return loss, p
+
+    monkeypatch.setattr(E2Train, "forward", spy_fwd)
+    monkeypatch.setattr(e2e.End2EndE2, "_fill_bank", spy_fill)
+    monkeypatch.setattr(e2e, "e2_step_loss", spy_loss)
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config("configs/synthetic_end2end.yaml",
+                      [f"out_dir={tmp_path}", "name=g", *TINY, "model.trunk_image_size=64", "model.backbone=cnn",
+                       "model.width=4", "e2.batch_size=8", "e2.epochs=3", f"e2.guidance_on={on}",
+                       "train.methods=[ssd+le[lle], cmg-mse]", "train.eval_every_epoch=false",
+                       "cmer.rid_epochs=1", "e1.epochs=1"])
+    train_run(cfg)
+    factor = 2 if on == "views" else 3
+    assert sizes and all(n == factor * 8 for n in sizes)  # 16 images, batches of 8
+    assert len(fills) == (1 if on == "views" else 3)  # only ssd+le[lle] has a bank; 3 epochs
+    assert all(ni == (2 * b if on == "views" else b) for b, ni, _ in parts)
+    assert all(p["global"] > 0 or p["mse"] > 0 for _, _, p in parts)
+
+
+def test_views_guidance_in_the_frozen_profile(tmp_path, monkeypatch):
+    """The frozen profile reads e2.guidance_on too: with views, L_global and cmg-mse act on both views."""
+    import cmg_core.train.frozen as fz
+
+    seen = []
+    real_loss = fz.e2_step_loss
+
+    def spy_loss(g, ids, z1, z2, t, **k):
+        seen.append((len(ids), None if k["h_clean"] is None else len(k["h_clean"]), len(k["local_idx"])))
+        return real_loss(g, ids, z1, z2, t, **k)
+
+    monkeypatch.setattr(fz, "e2_step_loss", spy_loss)
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config("configs/synthetic_end2end.yaml",
+                      [f"out_dir={tmp_path}", "name=f", *TINY, "model.profile=frozen", "model.trunk_image_size=64",
+                       "e2.guidance_on=views", "e2.epochs=1", "train.methods=[ssd+le[lle], cmg-mse]",
+                       "train.eval_every_epoch=false"])
+    train_run(cfg)
+    assert seen and all(h == n == 2 * b for b, h, n in seen)
+
+
 def test_bank_is_filled_in_eval_mode():
     """L_global's memory bank holds the eval-mode features (BatchNorm running statistics, as scored) and
     leaves the running statistics and the training mode untouched."""

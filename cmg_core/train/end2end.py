@@ -9,11 +9,13 @@ run under bf16 autocast with channels_last tensors (`train.amp`).
   the original and all M masked variants in one pass; RID reads E1's backbone features.
 * `End2EndE2`: a fresh backbone per method. Every method draws the same shuffled batches and the same
   augmentations (one generator per epoch), so NT-Xent sees the same negatives in every method. L_global
-  (`cmg[lle]`) adds E2's features of the batch's un-augmented images (in the same forward) and reconstructs
-  them from a memory bank of every training image's features: filled in eval mode at the start of each epoch,
-  each step's batch rows replaced by their fresh (gradient-carrying) features and written back detached.
-  `cmg[supcon]` uses the batch's caption-cluster labels on the two views; cmg-mse maps the clean features to
-  the text space.
+  (`cmg[lle]`) reconstructs E2's features of the batch's images from a memory bank of every training image's
+  features, each step's batch rows replaced by their fresh (gradient-carrying) features and written back
+  detached. With `e2.guidance_on: clean` the features are of the un-augmented images (in the same forward)
+  and the bank is refilled in eval mode at the start of each epoch; with `views` they are the two views' own
+  features (no extra images; a bank row is the mean of an image's two views) and the bank is filled in eval
+  mode once, then kept current by the shuffled batches. `cmg[supcon]` uses the batch's caption-cluster
+  labels on the two views; cmg-mse maps the same features as L_global to the text space.
 
 Multi-GPU (torchrun): DistributedSampler shards (drop_last, disjoint), DDP (SyncBatchNorm on CUDA), the
 contrastive losses over the batch gathered from all ranks (scaled by world_size: DDP averages gradients).
@@ -209,13 +211,16 @@ class End2EndE2:
         per_rank = max(2, e2.batch_size // run.world)
         sampler = run.sampler(n, run.stage_seed(5))
         lle = g.lle_weights is not None
+        on_views = g.needs_features and e2.guidance_on == "views"
+        bank = None
         for epoch in range(start, e2.epochs):
             sampler.set_epoch(epoch)
             shard = list(sampler)
             if epoch == start:
                 run.log_shards(f"e2 {spec.name}", epoch + 1, shard)
             gen = torch.Generator().manual_seed(run.stage_seed(5) * 7919 + epoch * run.world + run.rank)
-            bank = self._fill_bank(enc, train_masks, g.normalize) if lle else None
+            if lle and (bank is None or not on_views):  # views: once, then kept current by the batches
+                bank = self._fill_bank(enc, train_masks, g.normalize)
             ddp.train()
             sums, steps = {}, 0
             for s in range(0, len(shard), per_rank):
@@ -225,22 +230,29 @@ class End2EndE2:
                 b = len(idx)
                 clean = run.batch(idx, train_masks)
                 v1, v2 = _augment(run, clean, gen), _augment(run, clean, gen)
-                x = torch.cat([v1, v2, clean] if g.needs_clean else [v1, v2])
+                extra = g.needs_features and not on_views
+                x = torch.cat([v1, v2, clean] if extra else [v1, v2])
                 with run.autocast():
                     h, z, t = ddp(x)
                 z = z.float()
                 z1, _ = D.all_gather_rows(z[:b], keep_grad=True)
                 z2, _ = D.all_gather_rows(z[b : 2 * b], keep_grad=True)
                 ids, _ = D.all_gather_rows(idx.to(run.device))
-                h_clean = h[2 * b :].float() if g.needs_clean else None
                 idx_dev = idx.to(run.device)
+                # the rows the guidance acts on: the clean images (b) or both views (2b, each image twice)
+                rows = slice(0, 2 * b) if on_views else slice(2 * b, 3 * b)
+                g_idx = torch.cat([idx, idx]) if on_views else idx
+                h_g = h[rows].float() if g.needs_features else None
                 bank_b = None
                 if lle:
-                    hn = F.normalize(h_clean, dim=-1) if g.normalize else h_clean
+                    hn = F.normalize(h_g, dim=-1) if g.normalize else h_g
+                    if on_views:  # one bank row per image: the mean of its two views
+                        hn = hn[:b] + hn[b:]
+                        hn = F.normalize(hn, dim=-1) if g.normalize else hn / 2
                     bank_b = bank.index_copy(0, idx_dev, hn)
-                text = t[2 * b :].float() if g.mse_targets is not None else None
-                loss, parts = e2_step_loss(g, ids, z1, z2, e2.temperature, h_clean=h_clean, bank=bank_b,
-                                           text_pred=text, local_idx=idx, contrast_scale=run.world)
+                text = t[rows].float() if g.mse_targets is not None else None
+                loss, parts = e2_step_loss(g, ids, z1, z2, e2.temperature, h_clean=h_g, bank=bank_b,
+                                           text_pred=text, local_idx=g_idx, contrast_scale=run.world)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -135,18 +135,21 @@ class HeadE2:
                 if len(idx) < 2:
                     continue
                 v1, v2 = _feature_views(views, idx, e2, gen)  # the same draws for every method
-                _, z1 = head(v1)
-                _, z2 = head(v2)
+                h1, z1 = head(v1)
+                h2, z2 = head(v2)
                 h_clean = bank = text = None
+                g_idx = idx
+                if g.needs_features and e2.guidance_on == "views":  # both views, each image twice
+                    h_clean, g_idx = torch.cat([h1, h2]), torch.cat([idx, idx])
                 if g.lle_weights is not None:  # every step: all N clean features, so neighbours are current
                     h_all, _ = head(clean)
                     bank = F.normalize(h_all, dim=-1) if g.normalize else h_all
-                    h_clean = h_all[idx]
+                    h_clean = h_all[idx] if h_clean is None else h_clean
                 if g.mse_targets is not None:
                     h_clean = head(clean[idx])[0] if h_clean is None else h_clean
                     text = head.to_text(h_clean)
                 loss, parts = e2_step_loss(g, idx, z1, z2, e2.temperature, h_clean=h_clean, bank=bank,
-                                           text_pred=text)
+                                           text_pred=text, local_idx=g_idx)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

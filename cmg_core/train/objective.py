@@ -36,8 +36,9 @@ class Guidance:
     mse_weight: float = 1.0
 
     @property
-    def needs_clean(self) -> bool:
-        """Whether a step needs E2's embedding of the un-augmented (masked) images of the batch."""
+    def needs_features(self) -> bool:
+        """Whether a step needs E2's features of the batch's images besides the projections (L_global,
+        cmg-mse): of the un-augmented images (`e2.guidance_on: clean`) or of the two views (`views`)."""
         return self.lle_weights is not None or self.mse_targets is not None
 
     def to(self, device) -> "Guidance":
@@ -74,7 +75,8 @@ def e2_step_loss(g: Guidance, ids: torch.Tensor, z1: torch.Tensor, z2: torch.Ten
 
     ids (B,) training-row indices of the rows of z1, z2 (B, P), the projections of two augmented views (under
     torchrun: the batch gathered from every rank); local_idx (b,) the rows of this process's h_clean /
-    text_pred (default: ids). h_clean (b, H) E2 features of the batch's un-augmented images (LLE / MSE);
+    text_pred (default: ids; a row may repeat, e.g. both views of an image). h_clean (b, H) the E2 features
+    the guidance acts on (LLE / MSE): of the batch's un-augmented images, or of its two views;
     bank (N, H) current features of every training image with the batch's rows holding h_clean (L_global's
     neighbours; already L2-normalised when g.normalize); text_pred (b, T) E2's map of h_clean to the text
     space (cmg-mse). The contrastive term is multiplied by `contrast_scale` (world_size under DDP, which
