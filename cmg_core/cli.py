@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="write the RID-masked image here (PNG)")
     p.set_defaults(func=_cmd_explain)
 
-    p = sub.add_parser("experiment", help="the paper's protocol: one task per seed, every method, mean +- 95% CI")
+    p = sub.add_parser("experiment", help="the paper's protocol: one task per seed, every method, mean +- 95%% CI")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-analyses", action="store_true", help="skip the analysis-figure data")

@@ -261,6 +261,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} expects a number (float), got {value!r}") from None
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"config key {key!r} expects {tp.__name__}, got {value!r}")
     return value

@@ -48,3 +48,37 @@ def test_shipped_configs_load():
     for f in files:
         assert isinstance(load_config(f), RunConfig), f
         assert isinstance(yaml.safe_load(f.read_text()), dict)
+
+
+def test_float_keys_accept_exponent_notation_and_name_the_key_when_wrong():
+    """YAML 1.1 reads `1e-3` as a string; a float key converts it, and a bad value names key and type."""
+    from cmg_core.config import load_config
+    from cmg_core.errors import ConfigError
+
+    assert load_config("configs/ucm_captions_scratch.yaml", ["e2.lr=1e-3"]).e2.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"'e2.lr' expects a number \(float\), got 'fast'"):
+        load_config("configs/ucm_captions_scratch.yaml", ["e2.lr=fast"])
+    with pytest.raises(ConfigError, match="e2.guidance_on"):
+        load_config("configs/ucm_captions_scratch.yaml", ["e2.guidance_on=both"])
+
+
+def test_every_subcommand_help_works(capsys):
+    """`cmg --help` and `cmg <subcommand> --help` print help (a stray % in a help text used to crash them)."""
+    import argparse
+
+    from cmg_core.cli import build_parser
+
+    def subparsers(p):
+        return [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+
+    parser = build_parser()
+    commands = [[]]
+    for name, sub in subparsers(parser)[0].choices.items():
+        commands.append([name])
+        commands += [[name, inner] for s in subparsers(sub) for inner in s.choices]  # e.g. cmg data pack
+    assert len(commands) > 5
+    for cmd in commands:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*cmd, "--help"])
+        assert exc.value.code == 0
+        assert "usage: cmg" in capsys.readouterr().out
