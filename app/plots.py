@@ -88,7 +88,7 @@ def score_histogram(train_scores: np.ndarray, threshold: float | None = None, va
                                  marker_color="#9ecae1", opacity=0.9))
     if threshold is not None:
         fig.add_vline(x=threshold, line_dash="dash", line_color="#555",
-                      annotation_text="95th pct", annotation_position="top left")
+                      annotation_text="threshold", annotation_position="top left")
     if value is not None:
         over = threshold is not None and value > threshold
         fig.add_vline(x=value, line_width=3, line_color="#d62728" if over else "#2ca02c",

@@ -137,7 +137,7 @@ def verdict(score: float, threshold: float | None) -> str:
 
 def results_table(results: Sequence[UploadResult]) -> pd.DataFrame:
     """One row per uploaded file: status, notes/errors, RID choice and probabilities, per-method score,
-    percentile among normal training scores, 95th-percentile threshold and verdict."""
+    percentile among the normal training images' out-of-fold scores, calibrated threshold and verdict."""
     rows = []
     for r in results:
         row: dict[str, Any] = {"file": r.name, "status": "ok" if r.ok else "rejected",
@@ -169,7 +169,7 @@ def report_lines(r: UploadResult) -> list[str]:
     for m, s in (res.get("scores") or {}).items():
         thr = threshold_of(res, m, None)
         pct = (res.get("percentiles") or {}).get(m)
-        lines.append(f"{m}: score {float(s):.3f}" + (f", {float(pct):.1f}th percentile of normal training scores"
+        lines.append(f"{m}: score {float(s):.3f}" + (f", {float(pct):.1f}th percentile of normal images"
                                                       if pct is not None else "")
                      + (f", threshold {thr:.3f} -> {verdict(float(s), thr)}" if thr is not None else ""))
     lines += r.notes

@@ -139,9 +139,11 @@ def _print_metrics(run_dir) -> int:
     from .runs import Run
 
     metrics = Run.open(run_dir).metrics()
-    print(f"{'method':10s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}")
+    print(f"{'method':14s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}   flagged at the threshold: normal / anomalous %")
     for m, v in metrics.items():
-        print(f"{m:10s} {v['auroc']:7.2f} {v['aupr']:7.2f} {v['fpr95']:7.2f}")
+        flags = (f"   {v['flagged_normal']:6.1f} / {v['flagged_anomaly']:6.1f}" if "flagged_normal" in v
+                 else "   (no threshold recorded)")
+        print(f"{m:14s} {v['auroc']:7.2f} {v['aupr']:7.2f} {v['fpr95']:7.2f}{flags}")
     return 0
 
 
@@ -153,8 +155,10 @@ def _cmd_evaluate(args) -> int:
     run = Run.open(args.run)
     scores = run.scores()
     test = scores[scores.role == "test"]
-    metrics = {m: detection_metrics(test.is_anomaly.values, test[f"score_{m}"].values) for m in run.methods
-               if f"score_{m}" in test}
+    before = run.metrics() if (run.path / "metrics.json").is_file() else {}
+    metrics = {m: detection_metrics(test.is_anomaly.values, test[f"score_{m}"].values,
+                                    before.get(m, {}).get("threshold"))
+               for m in run.methods if f"score_{m}" in test}
     write_json(run.path / "metrics.json", metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -172,8 +176,10 @@ def _cmd_explain(args) -> int:
     print(f"RID choice   region {res['rid_choice']} of {len(res['rid_probs'])} masked (probabilities: {probs})")
     for m in pred.methods:
         flag = "ANOMALY" if res["scores"][m] > res["thresholds"][m] else "normal"
-        print(f"{m:10s}   score {res['scores'][m]:10.2f}   {res['percentiles'][m]:5.1f}th percentile of normal "
-              f"training scores   ({flag} at the 95th-percentile threshold {res['thresholds'][m]:.2f})")
+        print(f"{m:14s} score {res['scores'][m]:10.2f}   {res['percentiles'][m]:5.1f}th percentile of normal "
+              f"images   {flag} (threshold {res['thresholds'][m]:.2f})")
+    for m in pred.methods:
+        print(f"threshold of {m}: {pred.detectors[m].describe_threshold()}")
     if args.save:
         res["masked_image"].save(args.save)
         print(f"masked image written to {args.save}")

@@ -134,6 +134,8 @@ class DetectorConfig:
     n_clusters: int = 1  # k-means clusters for the min-Mahalanobis score (Eq.14)
     covariance: str = "auto"  # auto (shrinkage when N <= 2 D, else pinv) | pinv | shrinkage | empirical
     features: str = "backbone"  # E2 features scored: backbone (penultimate) | projection
+    fpr: float = 0.05  # the verdict's threshold: this share of normal images expected flagged
+    calibration_folds: int = 10  # K-fold cross-fitting on the normal training images sets it (0 = uncalibrated)
 
 
 @dataclass(frozen=True)

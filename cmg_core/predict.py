@@ -1,7 +1,8 @@
 """Score new images with a finished run: RID picks the mask (no captions), E2 + detector give the score.
 
     pred = Predictor.load("runs/my_run")
-    res = pred.explain(pil_image)   # variants, rid_probs, rid_choice, masked_image, scores, percentiles, thresholds
+    res = pred.explain(pil_image)   # variants, rid_probs, rid_choice, masked_image, scores, percentiles,
+                                    # thresholds (calibrated: detector.fpr of normal images above), anomalous
 
 One class for both profiles, with the same straight line as training: RID's inputs come from the run's E1
 encoder (the frozen trunk's features, masked as the run masked them, or E1's backbone when it was trained end to
@@ -119,7 +120,7 @@ class Predictor:
         per_method = {}
         for method, det in self.detectors.items():
             s = det.score(self._detector_features(method, x, variants, choice, orig, masked))
-            per_method[method] = (s, det.percentile(s), float(np.percentile(det.train_scores_, 95)))
+            per_method[method] = (s, det.percentile(s), det.threshold_)
         return [{
             "variants": [_to_pil(v) for v in variants[i]],
             "rid_probs": probs[i],
@@ -129,10 +130,13 @@ class Predictor:
             "scores": {k: float(v[0][i]) for k, v in per_method.items()},
             "percentiles": {k: float(v[1][i]) for k, v in per_method.items()},
             "thresholds": {k: v[2] for k, v in per_method.items()},
+            "anomalous": {k: bool(v[0][i] > v[2]) for k, v in per_method.items()},
+            "threshold_meaning": {k: self.detectors[k].describe_threshold() for k in per_method},
         } for i in range(len(pils))]
 
     def explain(self, image) -> dict:
-        """One image -> variants, rid_probs, rid_choice, masked_image, image, scores, percentiles, thresholds."""
+        """One image -> variants, rid_probs, rid_choice, masked_image, image, scores, percentiles (among the normal
+        training images' out-of-fold scores), thresholds (each detector's calibrated `threshold_`), anomalous."""
         return self.explain_many([image])[0]
 
     def score(self, images: list, method: str = "cmg") -> np.ndarray:

@@ -49,9 +49,11 @@ def show_result(run, r: UploadResult, focus: list[str], key: str) -> None:
                 st.metric(f"{m.upper()} score", f"{s:.3f}",
                           delta=f"{pct:.1f}th percentile" if pct is not None else None,
                           delta_color="inverse" if v == "anomalous" else "off")
+                meaning = (res.get("threshold_meaning") or {}).get(m, "threshold: 95th percentile of the normal "
+                                                                       "training scores (uncalibrated)")
                 st.markdown(f"Verdict: {':red-badge[anomalous]' if v == 'anomalous' else ':green-badge[' + v + ']'}"
-                            f" (threshold = 95th percentile of normal training scores"
-                            + (f" = {thr:.3f})" if thr is not None else ")"))
+                            + (f" at threshold {thr:.3f}" if thr is not None else ""))
+                st.caption(meaning)
                 if tr is not None and len(tr):
                     st.plotly_chart(plots.score_histogram(tr, thr, s, f"{m}: normal training scores"),
                                     key=f"{key}_hist_{m}")
@@ -68,8 +70,9 @@ def show_result(run, r: UploadResult, focus: list[str], key: str) -> None:
 def render() -> None:
     st.title("Upload images")
     st.caption("Score your own images with the selected run: RID picks the region to mask (no captions "
-               "needed), then each detector scores the masked image. Scores are placed among the scores of the "
-               "normal training images; above the 95th percentile counts as anomalous.")
+               "needed), then each detector scores the masked image. Scores are placed among the normal training images' "
+               "out-of-fold scores; the verdict's threshold is calibrated so that about 5 % of normal images "
+               "(`detector.fpr`) are flagged.")
     run = require_run()
     if run is None:
         return

@@ -64,3 +64,38 @@ def test_fit_with_a_given_partition_matches_per_group_gaussians():
     np.testing.assert_allclose(det.score(test), ref, rtol=1e-6)
     with pytest.raises(DataError):
         MahalanobisDetector().fit(x, labels[:-1])
+
+
+def test_threshold_is_calibrated_by_cross_fitting():
+    """With N close to D the training points sit closer to their own fit than new normal points do: the 95th
+    percentile of the training scores flags far more than 5 % of new normal points, the cross-fitted threshold
+    about 5 %."""
+    rng = np.random.default_rng(0)
+    cov = np.diag(np.linspace(0.2, 2.0, 48))
+    train = rng.multivariate_normal(np.full(48, 3.0), cov, size=200)
+    new = rng.multivariate_normal(np.full(48, 3.0), cov, size=20000)
+    det = MahalanobisDetector(fpr=0.05).fit(train)
+    assert det.calibrated_
+    naive = np.mean(det.score(new) > np.percentile(det.train_scores_, 95))
+    realised = det.predict(new).mean()
+    assert naive > 0.15
+    assert 0.02 <= realised <= 0.09, realised
+    assert np.array_equal(det.predict(new[:50]), (det.decision_function(new[:50]) > det.threshold_).astype(int))
+    assert MahalanobisDetector(fpr=0.2).fit(train).predict(new).mean() > realised
+
+
+def test_calibration_survives_state_dict_and_old_states_say_uncalibrated():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(60, 5))
+    det = MahalanobisDetector(n_clusters=2, calibration_folds=5).fit(train)
+    back = MahalanobisDetector.from_state_dict(det.state_dict())
+    assert back.calibrated_ and back.threshold_ == det.threshold_
+    np.testing.assert_allclose(back.percentile(det.score(train[:5])), det.percentile(det.score(train[:5])))
+    old = {k: v for k, v in det.state_dict().items()
+           if k not in ("fpr", "calibration_folds", "calibration_scores_", "threshold_", "calibrated_")}
+    legacy = MahalanobisDetector.from_state_dict(old)
+    assert not legacy.calibrated_ and "uncalibrated" in legacy.describe_threshold()
+    assert legacy.threshold_ == np.quantile(det.train_scores_, 0.95, method="higher")
+    assert not MahalanobisDetector(calibration_folds=0).fit(train).calibrated_
+    with pytest.raises(ConfigError, match="detector.fpr"):
+        MahalanobisDetector(fpr=5).fit(train)

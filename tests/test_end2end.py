@@ -104,7 +104,7 @@ def test_run_folder_is_complete(resumed):
         assert np.isfinite(scores[f"score_{m}"].values).all()
         emb = run.embeddings(m)
         assert emb.shape == (n, 512) and np.isfinite(emb).all()
-        assert set(metrics[m]) == {"auroc", "aupr", "fpr95"}
+        assert set(metrics[m]) == {"auroc", "aupr", "fpr95", "threshold", "flagged_normal", "flagged_anomaly"}
         assert (run.path / "models" / f"{method_slug(m)}.pt").is_file()
     hist = run.history()
     assert set(hist.stage) == {"e1", "rid", "e2"}

@@ -44,7 +44,7 @@ def test_run_folder_is_complete(small_run):
         assert np.isfinite(s).all()
         emb = small_run.embeddings(m)
         assert emb.shape[0] == 200 and np.isfinite(emb).all()
-        assert set(small_run.metrics()[m]) == {"auroc", "aupr", "fpr95"}
+        assert set(small_run.metrics()[m]) == {"auroc", "aupr", "fpr95", "threshold", "flagged_normal", "flagged_anomaly"}
     hist = small_run.history()
     assert set(hist.stage) == {"e1", "rid", "e2"}
     assert (hist[hist.stage == "e2"].groupby("method").epoch.max() == 3).all()
@@ -78,6 +78,7 @@ def test_explain_and_cli(small_run, capsys, tmp_path):
     assert main(["explain", img, "--run", str(small_run.path), "--save", str(tmp_path / "m.png")]) == 0
     out = capsys.readouterr().out
     assert "RID choice" in out and "cmg" in out and "percentile" in out
+    assert "calibrated: expected 5 % of normal images flagged" in out
     assert (tmp_path / "m.png").is_file()
     assert main(["evaluate", str(small_run.path), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -85,6 +86,7 @@ def test_explain_and_cli(small_run, capsys, tmp_path):
     assert metrics.keys() == stored.keys()
     for m in metrics:
         assert metrics[m] == pytest.approx(stored[m])
+        assert 0 <= metrics[m]["flagged_normal"] <= 100  # the verdict's realised FPR on held-out normals
 
 
 def test_resume_after_interruption(tmp_path):

@@ -312,7 +312,8 @@ class Run:
                 if not cfg.train.eval_every_epoch:
                     return {}
                 h = backend.embed(model, spec)
-                d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance).fit(h[:n])
+                d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance,
+                                        calibration_folds=0).fit(h[:n])
                 return {"auroc": detection_metrics(self.is_anomaly[test], d.score(h[test]))["auroc"]}
 
             model = backend.train(spec, g, evaluate)
@@ -320,7 +321,9 @@ class Run:
                 D.barrier()
                 return None
             h = backend.embed(model, spec)
-            det = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance, seed=cfg.train.seed).fit(h[:n])
+            d = cfg.detector
+            det = MahalanobisDetector(d.n_clusters, d.covariance, seed=cfg.train.seed, fpr=d.fpr,
+                                      calibration_folds=d.calibration_folds).fit(h[:n])
             text_dim = g.mse_targets.shape[1] if g.mse_targets is not None else 0
             self.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "detector": det.state_dict(),
                        "method": spec.name, "text_dim": text_dim, "uses_er": spec.er}, final)
@@ -329,8 +332,10 @@ class Run:
         h = backend.embed(model, spec)
         write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
         scores = det.score(h)
-        metrics = detection_metrics(self.is_anomaly[test], scores[test])
-        self.log(f"{spec.label}: AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}")
+        metrics = detection_metrics(self.is_anomaly[test], scores[test], det.threshold_)
+        self.log(f"{spec.label}: AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}; "
+                 f"threshold flags {metrics['flagged_normal']:.1f} % of held-out normals "
+                 f"(target {100 * det.fpr:.0f} %)")
         return {"scores": scores, "metrics": metrics}
 
     def run(self) -> Path:
