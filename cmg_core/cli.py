@@ -186,25 +186,35 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _cmd_upgrade(args) -> int:
+    from pathlib import Path
+
+    from .artifacts import upgrade_run_folder
+    from .errors import DataError
+
+    if not args.trust:
+        raise DataError(f"upgrading {args.run} unpickles its old models/*.pt files, which can execute code; "
+                        "pass --trust only if you trust where the folder came from")
+    if not (Path(args.run) / "run.json").is_file():
+        raise DataError(f"{args.run} is not a run folder (no run.json)")
+    done = upgrade_run_folder(Path(args.run))
+    print(f"{len(done)} model file(s) converted" + "".join(f"\n  {p}" for p in done))
+    return 0
+
+
 def _compact_models(models_dir) -> None:
     """Shrink a shipped run: drop E1 (not needed to score images) and store weights as float16."""
-    import torch
+    from .artifacts import load_model, save_model
 
-    (models_dir / "e1.pt").unlink(missing_ok=True)
-
-    def half(obj):
-        if isinstance(obj, torch.Tensor) and obj.is_floating_point():
-            return obj.half()
-        if isinstance(obj, dict):
-            return {k: half(v) for k, v in obj.items()}
-        return obj
-
-    for path in models_dir.glob("*.pt"):
-        state = torch.load(path, weights_only=False)
-        if isinstance(state, dict) and "detector" in state:
-            state["detector"] = {k: (v.astype("float32") if hasattr(v, "astype") and v.dtype == "float64" else v)
-                                 for k, v in state["detector"].items()}
-        torch.save(half(state), path)
+    (models_dir / "e1.npz").unlink(missing_ok=True)
+    for path in models_dir.glob("*.npz"):
+        weights, det, meta = load_model(path)
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+        if det is not None:
+            det = {k: (v.astype("float32") if hasattr(v, "dtype") and v.dtype == "float64" else v)
+                   for k, v in det.items()}
+        meta.pop("format", None)
+        save_model(path, weights, det, **meta)
 
 
 def _cmd_experiment(args) -> int:
@@ -296,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-analyses", action="store_true", help="skip the analysis-figure data")
     p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("upgrade", help="convert a run folder written by an older version (pickled models/*.pt) to "
+                                       "the current format and calibrate its thresholds")
+    p.add_argument("run")
+    p.add_argument("--trust", action="store_true",
+                   help="required: you trust where the folder came from (its old files are unpickled once)")
+    p.set_defaults(func=_cmd_upgrade)
 
     p = sub.add_parser("demo", help="rebuild the demo run shipped in assets/")
     p.add_argument("--out", default="assets/demo_run")

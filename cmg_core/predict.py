@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .artifacts import load_model, model_path
 from .data.images import open_image
 from .detector import MahalanobisDetector
 from .errors import DataError
@@ -67,24 +68,23 @@ class Predictor:
         else:
             backbone, spec = backbone_for(cfg)
             e1_image = E1Image(backbone, spec, cfg.model.head_hidden, cfg.model.embed_dim)
-            state = torch.load(models / "e1.pt", map_location="cpu", weights_only=True)["model"]
+            state = load_model(model_path(models, "e1"))[0]
             e1_image.load_state_dict({k[len("image."):]: v.float() for k, v in state.items() if k.startswith("image.")})
             e1_image = e1_image.to(dev).eval()
             feature_dim = spec.feature_dim
         rid = RID(feature_dim, tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-        rid_state = torch.load(models / "rid.pt", map_location="cpu", weights_only=False)
-        rid.load_state_dict(rid_state["rid"] if "rid" in rid_state else rid_state)  # older end2end runs nest it
+        rid.load_state_dict({k: v.float() for k, v in load_model(model_path(models, "rid"))[0].items()})
         e2, dets = {}, {}
         for method in run.methods:
-            st = torch.load(models / f"{method_slug(method)}.pt", map_location="cpu", weights_only=False)
-            text_dim = st.get("text_dim") or None
+            weights, det_state, meta = load_model(model_path(models, method_slug(method)))
+            text_dim = meta.get("text_dim") or None
             if cfg.model.profile == "frozen":
-                net = E2Head(st.get("in_dim", feature_dim), cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
+                net = E2Head(meta.get("in_dim") or feature_dim, cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
             else:
                 net = build_e2(cfg, text_dim)
-            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["model"].items()})
+            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
             e2[method] = net.to(dev).eval()
-            dets[method] = MahalanobisDetector.from_state_dict(st["detector"])
+            dets[method] = MahalanobisDetector.from_state_dict(det_state)
         apply = run.info.get("mask_apply", "pixel")  # as recorded; older runs: pixel
         return cls(run, cfg, rid.eval(), e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
 

@@ -12,11 +12,13 @@ Layout (all paths relative to the run folder)::
     cmer.csv             per image (same rows): e1_score_0..M-1 (Eq.2 vs own captions), cmer_label,
                          rid_prob_0..M-1, rid_choice, agree. Test-image CMER labels are analysis only.
     scores.csv           per image (same rows): score_<method> (higher = more anomalous)
-    metrics.json         {method: {auroc, aupr, fpr95}} in percent, on the test rows
+    metrics.json         {method: {auroc, aupr, fpr95, threshold, flagged_normal, flagged_anomaly}} in percent,
+                         on the test rows (flagged_*: share above the detector's calibrated threshold)
     history.jsonl        one JSON object per epoch: stage (e1|rid|e2), method, epoch, losses/accuracies,
                          test auroc (recorded for plots only, never used to choose a model)
     embeddings/<m>.npy   (rows, D) E2 features of method m, aligned with images.csv
-    models/              e1.pt, rid.pt, <method>.pt - final-epoch weights + detector statistics
+    models/              e1.npz, rid.npz, <method>.npz - final-epoch weights + detector statistics (NumPy
+                         archives read without pickle: cmg_core.artifacts)
     checkpoints/         per-stage checkpoints for resuming an interrupted run
 """
 from __future__ import annotations

@@ -54,9 +54,9 @@ def resumed(tmp_path_factory):
             train_run(cfg, progress=stop_at(("E2 (ssd)", 1), second))
         first = {"info": json.loads((run_dir / "run.json").read_text()), "e1_ckpt_epoch": e1_ckpt,
                  "ckpt_epoch": torch.load(run_dir / "checkpoints" / "e2_ssd.pt", weights_only=False)["epoch"],
-                 "has_ssd_model": (run_dir / "models" / "ssd.pt").exists(), "second": second,
-                 "e1_mtime": (run_dir / "models" / "e1.pt").stat().st_mtime,
-                 "rid_mtime": (run_dir / "models" / "rid.pt").stat().st_mtime}
+                 "has_ssd_model": (run_dir / "models" / "ssd.npz").exists(), "second": second,
+                 "e1_mtime": (run_dir / "models" / "e1.npz").stat().st_mtime,
+                 "rid_mtime": (run_dir / "models" / "rid.npz").stat().st_mtime}
         calls = []
         train_run(cfg, progress=lambda s, d, t: calls.append((s, d, t)))
     return Run.open(run_dir), first, calls
@@ -77,8 +77,8 @@ def test_resume_reruns_only_what_is_missing(resumed):
     assert not any(s in ("E1", "RID") and d > 0 for s, d in stages), "E1/RID retrained on resume"
     assert ("E2 (ssd)", 1) not in stages and ("E2 (ssd)", 2) in stages  # only epoch 2 of ssd re-run
     assert ("E2 (cmg)", 1) in stages and ("E2 (cmg)", 2) in stages
-    assert (run.path / "models" / "e1.pt").stat().st_mtime == first["e1_mtime"]
-    assert (run.path / "models" / "rid.pt").stat().st_mtime == first["rid_mtime"]
+    assert (run.path / "models" / "e1.npz").stat().st_mtime == first["e1_mtime"]
+    assert (run.path / "models" / "rid.npz").stat().st_mtime == first["rid_mtime"]
     assert "E2 (ssd): resuming after epoch 1" in run.log_tail(100)
     hist = run.history()
     keys = list(zip(hist.stage, hist.method.fillna(""), hist.epoch))
@@ -105,7 +105,7 @@ def test_run_folder_is_complete(resumed):
         emb = run.embeddings(m)
         assert emb.shape == (n, 512) and np.isfinite(emb).all()
         assert set(metrics[m]) == {"auroc", "aupr", "fpr95", "threshold", "flagged_normal", "flagged_anomaly"}
-        assert (run.path / "models" / f"{method_slug(m)}.pt").is_file()
+        assert (run.path / "models" / f"{method_slug(m)}.npz").is_file()
     hist = run.history()
     assert set(hist.stage) == {"e1", "rid", "e2"}
     e2 = hist[hist.stage == "e2"]

@@ -104,15 +104,15 @@ def test_resume_after_interruption(tmp_path):
         train_run(cfg, progress=interrupt)
     run = Run.open(tmp_path / "r")
     assert run.status == "failed"
-    e1_mtime = (run.path / "models" / "e1.pt").stat().st_mtime
-    ssd_mtime = (run.path / "models" / "ssd.pt").stat().st_mtime
-    assert (run.path / "models" / "ssd.pt").is_file() and not (run.path / "models" / "cmg.pt").exists()
+    e1_mtime = (run.path / "models" / "e1.npz").stat().st_mtime
+    ssd_mtime = (run.path / "models" / "ssd.npz").stat().st_mtime
+    assert (run.path / "models" / "ssd.npz").is_file() and not (run.path / "models" / "cmg.npz").exists()
     seen = []
     train_run(cfg, progress=lambda s, d, t: seen.append((s, d)))
     run = Run.open(tmp_path / "r")
     assert run.status == "done"
-    assert (run.path / "models" / "e1.pt").stat().st_mtime == e1_mtime  # E1 not retrained
-    assert (run.path / "models" / "ssd.pt").stat().st_mtime == ssd_mtime  # finished method not retrained
+    assert (run.path / "models" / "e1.npz").stat().st_mtime == e1_mtime  # E1 not retrained
+    assert (run.path / "models" / "ssd.npz").stat().st_mtime == ssd_mtime  # finished method not retrained
     assert [d for s, d in seen if s == "E2 (cmg)"] == [3]  # resumed after epoch 2
     e2 = run.history().query("stage == 'e2'")
     assert sorted(e2[e2.method == "cmg"].epoch) == [1, 2, 3]  # no duplicated epochs
@@ -185,3 +185,49 @@ def test_mask_apply_option():
     assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=end2end"])) == "feature"  # frozen E1
     assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end"])) == "pixel"
     assert mask_apply(load_config("configs/synthetic.yaml", ["cmer.apply=pixel"])) == "pixel"
+
+
+def test_run_folder_models_load_without_pickle_and_old_folders_are_upgraded(small_run, tmp_path, capsys):
+    """models/*.npz open with allow_pickle=False; a folder of pickled .pt files (older versions) is refused with
+    a message naming `cmg upgrade`, which converts it (only with --trust) and calibrates its thresholds."""
+    import shutil
+
+    import torch
+
+    from cmg_core.artifacts import load_model
+    from cmg_core.detector import MahalanobisDetector
+    from cmg_core.errors import DataError
+    from cmg_core.predict import Predictor
+
+    for f in (small_run.path / "models").iterdir():
+        assert f.suffix == ".npz"
+        with np.load(f, allow_pickle=False) as z:
+            assert all(z[k].dtype != object for k in z.files)
+    old = tmp_path / "old"
+    shutil.copytree(small_run.path, old)
+    for f in (old / "models").glob("*.npz"):  # rewrite as an older version did: one pickle per model
+        weights, det, meta = load_model(f)
+        if f.stem == "rid":
+            state = weights
+        elif f.stem == "e1":
+            state = {p: {k[len(p) + 1:]: v for k, v in weights.items() if k.startswith(p + ".")}
+                     for p in ("image", "text")}
+        else:
+            legacy = {k: det[k] for k in ("n_clusters", "covariance", "seed", "mean_", "std_", "means_",
+                                          "precisions_", "train_scores_")}
+            state = {"model": weights, "detector": legacy, "method": meta["method"], "text_dim": meta["text_dim"]}
+        torch.save(state, f.with_suffix(".pt"))
+        f.unlink()
+    with pytest.raises(DataError, match="cmg upgrade"):
+        Predictor.load(old)
+    assert main(["upgrade", str(old)]) == 2  # without --trust nothing is unpickled
+    assert main(["upgrade", str(old), "--trust"]) == 0
+    assert not list((old / "models").glob("*.pt"))
+    pred = Predictor.load(old)
+    fresh = Predictor.load(small_run.path)
+    for m in pred.methods:
+        det, ref = pred.detectors[m], fresh.detectors[m]
+        assert det.calibrated_ and isinstance(det, MahalanobisDetector)
+        assert det.threshold_ == pytest.approx(ref.threshold_, rel=1e-3)  # the same cross-fitting, from embeddings
+    img = small_run.images().path.iloc[-1]
+    assert pred.explain(img)["scores"] == pytest.approx(fresh.explain(img)["scores"], rel=1e-5)

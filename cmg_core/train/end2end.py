@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as D
+from ..artifacts import load_model, model_path
 from ..losses import duplicate_caption_mask, image_text_contrastive_loss, matching_score
 from ..masks import apply_masks
 from ..models import E2Encoder
@@ -69,17 +70,17 @@ class End2EndE1:
 
     def train_and_score(self):
         run, cfg = self.run, self.run.cfg
-        final, ckpt = run.models / "e1.pt", run.ckpt / "e1.pt"
+        final, ckpt = model_path(run.models, "e1"), run.ckpt / "e1.pt"
         torch.manual_seed(run.stage_seed(1))
         model, _ = build_e1(cfg, run.captions.shape[-1])
         model = run.to_device(model)
         if run.exists(final):
-            model.load_state_dict(torch.load(final, map_location=run.device, weights_only=True)["model"])
+            model.load_state_dict(load_model(final)[0])
         else:
             self._train(model, ckpt)
             if run.main:
-                save_atomic({"model": model.state_dict(), "encoder": "end2end"}, final)
-                ckpt.unlink(missing_ok=True)  # models/e1.pt supersedes it
+                run.save_model(final, model.state_dict(), encoder="end2end")
+                ckpt.unlink(missing_ok=True)  # models/e1.npz supersedes it
             D.barrier()
         self.model = model.eval()
         return self._pass()

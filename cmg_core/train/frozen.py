@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..artifacts import load_model, model_path
 from ..features import (Trunk, augmented_view_features, cached_mask_features, stored_trunk_features,
                         trunk_feature_spec)
 from ..models import E2Head, ImageHead, TextProjection
@@ -65,17 +66,18 @@ class FrozenE1:
     def train_and_score(self):
         """Train (or load) E1 and return (Eq.2 scores (R, M), RID inputs orig (R, F), masked (R, M, F))."""
         run, cfg, n = self.run, self.run.cfg, self.run.n_train
-        path = run.models / "e1.pt"
+        path = model_path(run.models, "e1")
         if path.is_file():
-            state = torch.load(path, weights_only=True)
-            e1 = self._model()
-            e1.image.load_state_dict(state["image"])
-            e1.text.load_state_dict(state["text"])
+            e1, weights = self._model(), load_model(path)[0]
+            for part in ("image", "text"):
+                getattr(e1, part).load_state_dict({k[len(part) + 1:]: v for k, v in weights.items()
+                                                   if k.startswith(part + ".")})
         else:
             state, save = run.checkpoint("e1", "e1")
             e1 = train_e1(self.orig[:n], run.captions[:n], cfg.e1, cfg.model, run.stage_seed(1),
                           on_epoch=run.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
-            run.save({"image": e1.image.state_dict(), "text": e1.text.state_dict(), "encoder": "frozen"}, path)
+            run.save_model(path, {**{f"image.{k}": v for k, v in e1.image.state_dict().items()},
+                                  **{f"text.{k}": v for k, v in e1.text.state_dict().items()}}, encoder="frozen")
         scores = e1.score(self.masked, run.captions, cfg.cmer.caption_reduce).numpy()
         return scores, self.orig, self.masked
 

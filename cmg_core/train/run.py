@@ -36,6 +36,7 @@ from ..models import RID
 from ..runs import RunWriter, method_slug, write_csv, write_npy
 from ..stages import mean_caption_embedding, rid_predict, train_rid
 from ..utils import resolve_device, resolve_trunk_precision, seed_everything
+from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
 from ..methods import MethodSpec, parse_method
 from .objective import build_guidance
@@ -94,6 +95,11 @@ class Run:
     def save(self, obj, path: Path) -> None:
         if self.main:
             save_atomic(obj, path)
+
+    def save_model(self, path: Path, weights: dict, detector: dict | None = None, **meta) -> None:
+        """A final model into models/ (NumPy archive, loadable without pickle; cmg_core.artifacts)."""
+        if self.main:
+            save_model(path, weights, detector, **meta)
 
     def checkpoint(self, name: str, stage: str, method: str | None = None):
         """(state to resume from or None, callback saving each epoch) for a stage's per-epoch checkpoint.
@@ -237,10 +243,10 @@ class Run:
     def _rid_main(self) -> np.ndarray:
         cfg, n = self.cfg, self.n_train
         masked, orig = self.rid_masked, self.rid_orig
-        path = self.models / "rid.pt"
+        path = model_path(self.models, "rid")
         rid = RID(masked.shape[-1], tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
         if path.is_file():
-            rid.load_state_dict(torch.load(path, weights_only=True))
+            rid.load_state_dict(load_model(path)[0])
         else:
             gen = np.random.default_rng(self.stage_seed(2))
             val = np.zeros(n, bool)
@@ -249,7 +255,7 @@ class Run:
             rid = train_rid(masked[:n], orig[:n], torch.from_numpy(self.cmer_label[:n]).long(), torch.from_numpy(val),
                             cfg.cmer, self.stage_seed(2), on_epoch=self.epoch_cb(cfg.cmer.rid_epochs, "RID"),
                             state=state, on_checkpoint=save)
-            self.save(rid.state_dict(), path)
+            self.save_model(path, rid.state_dict())
         probs = rid_predict(rid, masked, orig).numpy()
         m = cfg.cmer.n_regions
         cols = {f"e1_score_{j}": self.e1_scores[:, j] for j in range(m)}
@@ -296,15 +302,15 @@ class Run:
     def train_method(self, spec: MethodSpec) -> dict | None:
         cfg, n = self.cfg, self.n_train
         backend = self.e2_backend()
-        final = self.models / f"{self.slug(spec)}.pt"
+        final = model_path(self.models, self.slug(spec))
         test = slice(n, None)
         if self.exists(final):
             if not self.main:
                 return None
-            state = torch.load(final, map_location=self.device, weights_only=False)
-            model = backend.build(state["text_dim"] or None)
-            model.load_state_dict(state["model"])
-            det = MahalanobisDetector.from_state_dict(state["detector"])
+            weights, det_state, meta = load_model(final)
+            model = backend.build(meta["text_dim"] or None)
+            model.load_state_dict(weights)
+            det = MahalanobisDetector.from_state_dict(det_state)
         else:
             g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights)
 
@@ -325,8 +331,8 @@ class Run:
             det = MahalanobisDetector(d.n_clusters, d.covariance, seed=cfg.train.seed, fpr=d.fpr,
                                       calibration_folds=d.calibration_folds).fit(h[:n])
             text_dim = g.mse_targets.shape[1] if g.mse_targets is not None else 0
-            self.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "detector": det.state_dict(),
-                       "method": spec.name, "text_dim": text_dim, "uses_er": spec.er}, final)
+            self.save_model(final, model.state_dict(), det.state_dict(), method=spec.name, text_dim=int(text_dim),
+                            uses_er=spec.er)
             (self.ckpt / f"e2_{self.slug(spec)}.pt").unlink(missing_ok=True)  # superseded by the final model
             D.barrier()
         h = backend.embed(model, spec)
