@@ -166,6 +166,52 @@ def _cmd_evaluate(args) -> int:
     return _print_metrics(run.path)
 
 
+def image_files(sources: list[str]) -> list[str]:
+    """Image files named on the command line: files as given, folders searched recursively (sorted)."""
+    from pathlib import Path
+
+    from .data.images import IMAGE_EXTS
+    from .errors import DataError
+
+    out = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise DataError(f"{src}: no such file or folder")
+    if not out:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTS)}) under {', '.join(sources)}")
+    return out
+
+
+def _cmd_predict(args) -> int:
+    """Score many images with a finished run, a batch at a time, into a CSV."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .predict import Predictor
+    from .utils import atomic_path
+
+    files = image_files(args.images)
+    pred = Predictor.load(args.run, device=args.device)
+    methods = args.method or pred.methods
+    with tqdm(total=len(files), unit="img", desc="predict", disable=args.quiet) as bar:
+        table = pred.score_table(files, batch_size=args.batch_size, methods=methods,
+                                 progress=lambda done, total: bar.update(done - bar.n))
+    with atomic_path(Path(args.out)) as tmp:
+        table.to_csv(tmp, index=False)
+    bad = int((table.error != "").sum())
+    print(f"{len(table) - bad} image(s) scored, {bad} unreadable -> {args.out}")
+    for m in methods:
+        det = pred.detectors[m]
+        print(f"{m:14s} {int(table[f'anomalous_{m}'].sum()):6d} flagged anomalous ({det.describe_threshold()})")
+    return 0
+
+
 def _cmd_explain(args) -> int:
     from .predict import Predictor
 
@@ -300,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--save", default=None, help="write the RID-masked image here (PNG)")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("predict", help="score image files or folders with a finished run into a CSV "
+                                       "(scores and calibrated verdicts per method)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True, help="CSV: image, rid_choice, score_<m>, anomalous_<m>, error")
+    p.add_argument("--method", action="append", default=[], help="only these methods (repeatable; default all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at a time")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("experiment", help="the paper's protocol: one task per seed, every method, mean +- 95%% CI")
     p.add_argument("--config", required=True)

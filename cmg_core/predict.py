@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -109,18 +110,63 @@ class Predictor:
         return (z if self.cfg.detector.features == "projection" else h).float().cpu().numpy()
 
     @torch.no_grad()
-    def explain_many(self, images: list) -> list[dict]:
-        """PIL images, paths or file objects -> one result dict per image (see `explain`)."""
-        pils = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
+    def _score(self, pils: list, methods: list[str] | None = None):
+        """RGB PIL images -> (x (B, 3, S, S), variants (B, M, 3, S, S), RID probabilities (B, M), choice (B,),
+        {method: scores (B,)})."""
         x = to_float(images_to_tensor(pils, self.image_size))  # (B, 3, S, S)
         variants = masked_variants(x, self.n_regions, self.mask, self.soft_value)  # (B, M, 3, S, S)
         orig, masked = self._rid_inputs(x, variants)
         probs = rid_predict(self.rid, masked, orig).numpy()
         choice = probs.argmax(1)
-        per_method = {}
-        for method, det in self.detectors.items():
-            s = det.score(self._detector_features(method, x, variants, choice, orig, masked))
-            per_method[method] = (s, det.percentile(s), det.threshold_)
+        scores = {m: self.detectors[m].score(self._detector_features(m, x, variants, choice, orig, masked))
+                  for m in (methods or self.methods)}
+        return x, variants, probs, choice, scores
+
+    def score_table(self, images: list, batch_size: int = 64, methods: list[str] | None = None,
+                    progress=None) -> pd.DataFrame:
+        """Paths (or PIL images) -> one row per image: image, rid_choice, score_<m>, anomalous_<m> (1 above the
+        calibrated threshold), error (why an unreadable image has no score). Images are decoded `batch_size` at a
+        time, so memory does not grow with their number; `progress(done, total)` after each batch."""
+        methods = methods or self.methods
+        unknown = [m for m in methods if m not in self.detectors]
+        if unknown:
+            raise DataError(f"run {self.run.path} has no method(s) {unknown}; it has {self.methods}")
+        columns = ["image", "rid_choice", *[f"{k}_{m}" for m in methods for k in ("score", "anomalous")], "error"]
+        out = []
+        for s in range(0, len(images), batch_size):
+            chunk = images[s : s + batch_size]
+            rows = [{"image": str(src) if isinstance(src, (str, Path)) else getattr(src, "filename", ""),
+                     "error": ""} for src in chunk]
+            pils, ok = [], []
+            for i, src in enumerate(chunk):
+                try:
+                    pils.append(src if isinstance(src, Image.Image) else open_image(src))
+                    ok.append(i)
+                except (DataError, OSError) as exc:  # one unreadable file must not stop the batch
+                    rows[i]["error"] = str(exc)
+            if pils:
+                _, _, _, choice, scores = self._score(pils, methods)
+                for j, i in enumerate(ok):
+                    rows[i]["rid_choice"] = int(choice[j])
+                    for m in methods:
+                        rows[i][f"score_{m}"] = float(scores[m][j])
+                        rows[i][f"anomalous_{m}"] = int(scores[m][j] > self.detectors[m].threshold_)
+            out += rows
+            del pils
+            if progress is not None:
+                progress(min(s + batch_size, len(images)), len(images))
+        table = pd.DataFrame(out, columns=columns)
+        ints = ["rid_choice", *[f"anomalous_{m}" for m in methods]]
+        table[ints] = table[ints].astype("Int64")  # an unreadable image leaves them empty, not 1.0
+        return table
+
+    @torch.no_grad()
+    def explain_many(self, images: list) -> list[dict]:
+        """PIL images, paths or file objects -> one result dict per image (see `explain`)."""
+        pils = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
+        x, variants, probs, choice, scores = self._score(pils)
+        per_method = {m: (s, self.detectors[m].percentile(s), self.detectors[m].threshold_)
+                      for m, s in scores.items()}
         return [{
             "variants": [_to_pil(v) for v in variants[i]],
             "rid_probs": probs[i],
@@ -139,8 +185,12 @@ class Predictor:
         training images' out-of-fold scores), thresholds (each detector's calibrated `threshold_`), anomalous."""
         return self.explain_many([image])[0]
 
-    def score(self, images: list, method: str = "cmg") -> np.ndarray:
-        """(N,) anomaly scores of `method` (higher = more anomalous)."""
+    def score(self, images: list, method: str = "cmg", batch_size: int = 64) -> np.ndarray:
+        """(N,) anomaly scores of `method` (higher = more anomalous); an unreadable image raises DataError."""
         if method not in self.detectors:
             raise DataError(f"run {self.run.path} has no method {method!r}; it has {self.methods}")
-        return np.array([r["scores"][method] for r in self.explain_many(images)])
+        out = []
+        for s in range(0, len(images), batch_size):
+            pils = [img if isinstance(img, Image.Image) else open_image(img) for img in images[s : s + batch_size]]
+            out.append(self._score(pils, [method])[4][method])
+        return np.concatenate(out) if out else np.zeros(0)

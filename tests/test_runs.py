@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pandas as pd
 from PIL import Image
 
@@ -32,3 +33,36 @@ def test_demo_run_is_complete_and_found():
     assert np.isfinite(run.scores()[[f"score_{m}" for m in run.methods]].values).all()
     assert run.analysis("latent") is not None and run.analysis("dcor") is not None
     assert any(r.path.resolve() == DEMO.resolve() for r in find_runs(DEMO))
+
+
+def test_cmg_predict_scores_a_folder_in_batches(tmp_path, monkeypatch, capsys):
+    """`cmg predict FOLDER --run RUN --out CSV`: every image file under the folder (any size), batched; an
+    unreadable file gets an error row instead of stopping the job; scores equal the Predictor's one by one."""
+    from cmg_core.cli import main
+    from cmg_core.predict import Predictor
+
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs" / "sub"
+    folder.mkdir(parents=True)
+    sizes = [(40, 30), (128, 128), (300, 200), (64, 90), (17, 17)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "scores.csv"
+    assert main(["predict", str(tmp_path / "imgs"), "--run", str(DEMO), "--out", str(out), "--batch-size", "2",
+                 "--method", "ssd", "--method", "cmg", "--quiet"]) == 0
+    assert "5 image(s) scored, 1 unreadable" in capsys.readouterr().out
+    table = pd.read_csv(out, keep_default_na=False)
+    assert len(table) == 6 and list(table.columns) == ["image", "rid_choice", "score_ssd", "anomalous_ssd",
+                                                        "score_cmg", "anomalous_cmg", "error"]
+    broken = table[table.image.str.endswith("broken.png")]
+    assert len(broken) == 1 and broken.error.iloc[0] and broken.score_cmg.iloc[0] == ""
+    ok = table[table.error == ""]
+    pred = Predictor.load(DEMO)
+    for _, row in ok.iterrows():
+        res = pred.explain(row.image)
+        assert float(row.score_cmg) == pytest.approx(res["scores"]["cmg"], rel=1e-4)
+        assert int(row.anomalous_cmg) == int(res["anomalous"]["cmg"])
+    assert main(["predict", str(tmp_path / "nothing"), "--run", str(DEMO), "--out", str(out)]) == 2
