@@ -49,8 +49,9 @@ def roc_data(run: RunData, methods: list[str]) -> tuple[dict, dict]:
     y, scores = test_arrays(run, methods)
     curves, aucs = {}, {}
     for m, s in scores.items():
-        curves[m] = roc_points(y, s)
-        aucs[m] = detection_metrics(y, s)["auroc"]
+        if 0 < y.sum() < len(y):  # a one-class run has no ROC
+            curves[m] = roc_points(y, s)
+            aucs[m] = detection_metrics(y, s)["auroc"]
     return curves, aucs
 
 

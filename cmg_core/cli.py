@@ -141,9 +141,10 @@ def _print_metrics(run_dir) -> int:
     metrics = Run.open(run_dir).metrics()
     print(f"{'method':14s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}   flagged at the threshold: normal / anomalous %")
     for m, v in metrics.items():
-        flags = (f"   {v['flagged_normal']:6.1f} / {v['flagged_anomaly']:6.1f}" if "flagged_normal" in v
-                 else "   (no threshold recorded)")
-        print(f"{m:14s} {v['auroc']:7.2f} {v['aupr']:7.2f} {v['fpr95']:7.2f}{flags}")
+        pct = [f"{v[k]:6.1f}" if v.get(k) is not None else f"{'-':>6s}" for k in ("flagged_normal", "flagged_anomaly")]
+        flags = f"   {pct[0]} / {pct[1]}" if "flagged_normal" in v else "   (no threshold recorded)"
+        ranking = " ".join(f"{v[k]:7.2f}" if k in v else f"{'-':>7s}" for k in ("auroc", "aupr", "fpr95"))
+        print(f"{m:14s} {ranking}{flags}")
     return 0
 
 

@@ -30,7 +30,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    normal_classes: Optional[list] = None  # class names or ids; or
+    normal_classes: Optional[list] = None  # class names or ids, or "all" (one-class: no anomalies); or
     n_normal: Optional[int] = None  # that many normal classes drawn with `seed`
     seed: int = 0
     holdout: Union[float, str] = 0.2  # fraction of normal images held out for testing, or "split"
@@ -233,6 +233,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"detector.features={cfg.detector.features!r}; expected backbone or projection")
     if cfg.detector.n_clusters < 1:
         raise ConfigError(f"detector.n_clusters={cfg.detector.n_clusters}; expected >= 1")
+    if not 0 < cfg.detector.fpr < 1:
+        raise ConfigError(f"detector.fpr={cfg.detector.fpr}; expected the share of normal images to flag, in (0, 1)")
+    if cfg.detector.calibration_folds < 0 or cfg.detector.calibration_folds == 1:
+        raise ConfigError(f"detector.calibration_folds={cfg.detector.calibration_folds}; expected 0 (uncalibrated) "
+                          "or >= 2")
     if cfg.task.normal_classes is not None and cfg.task.n_normal is not None:
         raise ConfigError("task: give normal_classes or n_normal, not both")
 

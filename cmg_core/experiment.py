@@ -105,7 +105,7 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
         runs[seed] = run
         for method, met in run.metrics().items():
             rows.append({"seed": seed, "method": method_label(method, cfg.cmle.loss),
-                         "wall_time_s": run.info.get("wall_time_s"), **{m: met[m] for m in METRICS}})
+                         "wall_time_s": run.info.get("wall_time_s"), **{m: met.get(m, float("nan")) for m in METRICS}})
         if cfg.experiment.mask_ablation:
             other = "soft" if cfg.cmer.mask == "hard" else "hard"
             mask_runs[seed] = _train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)

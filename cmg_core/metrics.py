@@ -65,17 +65,23 @@ def roc_points(is_anomaly: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, 
 def detection_metrics(is_anomaly: np.ndarray, scores: np.ndarray, threshold: float | None = None) -> dict[str, float]:
     """``{"auroc", "aupr", "fpr95"}`` in percent (0-100); with the detector's `threshold` also
     ``threshold`` and ``flagged_normal`` / ``flagged_anomaly``: the share (percent) of the normal / anomalous
-    images whose score is above it (the verdict's realised false-positive rate and detection rate)."""
-    out = {
-        "auroc": 100.0 * auroc(is_anomaly, scores),
-        "aupr": 100.0 * aupr(is_anomaly, scores),
-        "fpr95": 100.0 * fpr_at_95_tpr(is_anomaly, scores),
-    }
+    images whose score is above it (the verdict's realised false-positive rate and detection rate).
+    Without anomalies (or without normals) among the images - a one-class run - the ranking metrics are left
+    out and only the threshold's are given (with a threshold; else an error)."""
+    y = np.asarray(is_anomaly).reshape(-1)
+    both = bool(y.size) and 0 < int(np.sum(y == 1)) < y.size
+    out = {}
+    if both or threshold is None:
+        out = {
+            "auroc": 100.0 * auroc(is_anomaly, scores),
+            "aupr": 100.0 * aupr(is_anomaly, scores),
+            "fpr95": 100.0 * fpr_at_95_tpr(is_anomaly, scores),
+        }
     if threshold is not None:
         y, flagged = np.asarray(is_anomaly).astype(bool), np.asarray(scores) > threshold
         out["threshold"] = float(threshold)
-        out["flagged_normal"] = 100.0 * float(flagged[~y].mean()) if (~y).any() else float("nan")
-        out["flagged_anomaly"] = 100.0 * float(flagged[y].mean()) if y.any() else float("nan")
+        out["flagged_normal"] = 100.0 * float(flagged[~y].mean()) if (~y).any() else None  # None: no such images
+        out["flagged_anomaly"] = 100.0 * float(flagged[y].mean()) if y.any() else None
     return out
 
 

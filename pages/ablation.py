@@ -22,6 +22,10 @@ def roc_section(run) -> None:
         st.info("Pick at least one method.")
         return
     curves, aucs = roc_data(run, picked)
+    if not curves:
+        st.info("This run's test set has no anomalies (one-class training): there is no ROC curve. The share of "
+                "held-out normal images each threshold flags is in the metrics table below.")
+        return
     st.plotly_chart(plots.roc_curves(curves, aucs), key="ab_roc")
 
 

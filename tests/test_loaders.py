@@ -253,8 +253,9 @@ def test_make_task_errors(ucm_root):
         make_task(ds, n_normal=2)
     with pytest.raises(DataError, match="2 classes"):
         make_task(ds, n_normal=5)
-    with pytest.raises(DataError, match="at least one must be an anomaly"):
-        make_task(ds, normal_classes=["airfield", "zebracrossing"])
+    one_class = make_task(ds, normal_classes=["airfield", "zebracrossing"])  # every class normal: one-class
+    assert one_class.test_is_anomaly.sum() == 0 and len(one_class.test_idx) > 0
+    assert np.array_equal(make_task(ds, normal_classes="all").train_idx, one_class.train_idx)
     with pytest.raises(DataError, match="unknown class 'forest'"):
         make_task(ds, normal_classes=["forest"])
     task = make_task(ds, normal_classes=["airfield"], holdout="split")

@@ -1,4 +1,5 @@
-"""A user's own captioned images: `root/Images/<class>/*` plus a captions file.
+"""A user's own captioned images: `root/Images/<class>/*` plus a captions file (or the Hugging Face
+imagefolder layout: `root/metadata.jsonl` with file_name + caption; see `cmg_core.data.imagefolder`).
 
 Captions file (the `captions` option, else `root/captions.csv`, else `root/captions.jsonl`):
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
+from .imagefolder import find_metadata, load_imagefolder
 from .images import IMAGE_EXTS
 from .types import SPLITS, CaptionedDataset, CaptionedImage
 
@@ -42,9 +44,12 @@ class _Entry:
 
 
 def load_folder(
-    root: Path, captions: str | Path | None = None, require_captions: bool = True, **options
+    root: Path, captions: str | Path | None = None, require_captions: bool = True,
+    caption_column: str | None = None, **options
 ) -> CaptionedDataset:
-    """Load `root/Images/<class>/*` with the captions of a CSV or JSONL file (see the module docstring).
+    """Load `root/Images/<class>/*` with the captions of a CSV or JSONL file (see the module docstring), or -
+    when there is no Images/ folder but a metadata.jsonl / metadata.csv - the Hugging Face imagefolder layout
+    (`cmg_core.data.imagefolder`; `caption_column` names its caption column).
 
     With `require_captions=True` (default) an image under Images/ that no caption row names is an error;
     with False such images are dropped with a warning.
@@ -53,8 +58,12 @@ def load_folder(
         warnings.warn(f"folder: ignoring unknown option(s) {sorted(options)}", stacklevel=2)
     root = Path(root)
     images_dir = root / IMAGES_DIR
+    if not images_dir.is_dir() and find_metadata(root) is not None:
+        return load_imagefolder(root, caption_column)
     if not images_dir.is_dir():
-        raise DataError(f"images folder {images_dir} does not exist; expected {root}/Images/<class>/<image files>")
+        raise DataError(f"images folder {images_dir} does not exist; expected {root}/Images/<class>/<image files> "
+                        f"and a captions file, or the imagefolder layout ({root}/metadata.jsonl with file_name "
+                        "and caption columns)")
     cap_path = _find_captions_file(root, captions)
     entries: dict[Path, _Entry] = {}
     for line_no, row in _read_rows(cap_path):

