@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from .imagefolder import find_metadata, load_imagefolder
+from .imagefolder import find_metadata, jsonl_objects, load_imagefolder
 from .images import IMAGE_EXTS
 from .types import SPLITS, CaptionedDataset, CaptionedImage
 
@@ -137,15 +136,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Objects of a JSONL captions file (blank lines skipped)."""
-    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}); expected one object per line") from exc
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{line_no}: got {type(obj).__name__}; expected an object with image, caption")
+    for line_no, obj in jsonl_objects(_read_text(path), path, "image, caption"):
         missing = [c for c in REQUIRED_COLUMNS if c not in obj]
         if missing:
             raise DataError(f"{path}:{line_no}: missing key(s) {missing}; expected image, caption[, class, split]")

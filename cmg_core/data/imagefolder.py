@@ -43,7 +43,11 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
             return [(reader.line_num, {k.strip(): v for k, v in row.items() if k is not None}) for row in reader]
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
-    out = []
+    return list(jsonl_objects(text, path, "file_name"))
+
+
+def jsonl_objects(text: str, path: Path, expected: str):
+    """(line number, object) of every non-blank line of a JSONL file; `expected` names the keys in errors."""
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
@@ -51,9 +55,8 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{n}: not valid JSON ({exc.msg}); expected one object per line") from exc
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: got {type(obj).__name__}; expected an object with file_name")
-            out.append((n, obj))
-    return out
+                raise DataError(f"{path}:{n}: got {type(obj).__name__}; expected an object with {expected}")
+            yield n, obj
 
 
 def _captions(value, where: str) -> list[str]:
