@@ -306,12 +306,16 @@ class RunData:
         return df[col].to_numpy(dtype=np.float64)
 
     def scored_methods(self) -> list[str]:
-        """Methods of run.json that have a scores.csv column (in run.json order)."""
+        """Scored keys with a scores.csv column, in run.json's method order: `cmg`, `cmg@knn`, ... (a method's
+        Mahalanobis score, then its other scorers')."""
+        from cmg_core.methods import SCORERS, scored_key, split_key
+
         if not self.has("scores"):
             return []
         cols = self.scores().columns
-        methods = self.methods or [c[len("score_"):] for c in cols if c.startswith("score_")]
-        return [m for m in methods if score_column(cols, m) is not None]
+        keys = [c[len("score_"):] for c in cols if c.startswith("score_")]
+        methods = self.methods or list(dict.fromkeys(split_key(k)[0] for k in keys))
+        return [scored_key(m, s) for m in methods for s in SCORERS if score_column(cols, scored_key(m, s)) is not None]
 
     def joined(self) -> pd.DataFrame:
         """images.csv with cmer.csv and scores.csv columns (those present) joined on `row`."""

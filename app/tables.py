@@ -15,13 +15,20 @@ METRICS = ("auroc", "aupr", "fpr95")
 
 def metrics_table(run: RunData) -> pd.DataFrame | None:
     """Method -> auroc/aupr/fpr95 (percent) from metrics.json; computed from scores.csv when it is missing."""
+    from cmg_core.methods import scored_key, split_key
+
     data = run.metrics() if run.has("metrics") else {}
     if data:
         df = pd.DataFrame.from_dict(data, orient="index")
-        order = [m for m in run.methods if m in df.index] + [m for m in df.index if m not in run.methods]
+        keys = run.scored_methods()
+        order = [m for m in keys if m in df.index] + [m for m in df.index if m not in keys]
         df = df.loc[order, [c for c in METRICS if c in df.columns] + [c for c in df.columns if c not in METRICS]]
         labels = (run.info or {}).get("method_labels") or {}  # LE methods named with their CMLE reading
-        return df.rename(index=lambda m: labels.get(m, m))
+
+        def label(key: str) -> str:  # `cmg@knn` -> `cmg[lle]@knn`
+            m, scorer = split_key(key)
+            return scored_key(labels.get(m, m), scorer)
+        return df.rename(index=label)
     if not (run.has("scores") and run.has("images")):
         return None
     from cmg_core.metrics import detection_metrics
@@ -95,8 +102,9 @@ def experiment_records(exp: Any) -> pd.DataFrame:
     rows = []
     for i, r in enumerate(_records_from(exp)):
         task = r.get("task", r.get("seed", i))
-        if "method" in r:
-            rec = {"method": r["method"], "task": task}
+        if "method" in r:  # `cmg experiment` rows carry a scorer: the k-NN rows are named `<method>@knn`
+            scorer = r.get("scorer") or "mahalanobis"
+            rec = {"method": r["method"] + ("" if scorer == "mahalanobis" else f"@{scorer}"), "task": task}
             src = r.get("metrics", r)
             rec.update({k: src[k] for k in METRICS if k in src})
             rows.append(rec)

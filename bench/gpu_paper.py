@@ -72,8 +72,8 @@ def run_backbone(args, backbone: str, out: Path, deadline: float, log) -> None:
 def collect(out: Path):
     import pandas as pd
 
+    from cmg_core.experiment import metric_rows
     from cmg_core.runs import read_json
-    from cmg_core.train import method_label
 
     rows = []
     for run_dir in sorted((out / "runs").glob("*_seed*")):
@@ -82,9 +82,8 @@ def collect(out: Path):
             continue
         backbone, seed = run_dir.name.rsplit("_seed", 1)
         info = read_json(run_dir / "run.json")
-        for m, v in read_json(metrics).items():
-            rows.append({"backbone": backbone, "seed": int(seed), "method": method_label(m), "status": info.get("status"),
-                         **{k: v[k] for k in ("auroc", "aupr", "fpr95")}})
+        rows += [{"backbone": backbone, "seed": int(seed), "status": info.get("status"), **r}
+                 for r in metric_rows(read_json(metrics))]
     return pd.DataFrame(rows)
 
 

@@ -14,8 +14,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmg_core.experiment import METRICS, markdown_table, summarize, time_split  # noqa: E402
-from cmg_core.methods import method_label  # noqa: E402
+from cmg_core.experiment import markdown_table, metric_rows, summarize, time_split  # noqa: E402
 from cmg_core.runs import Run  # noqa: E402
 
 
@@ -31,9 +30,7 @@ def main(argv=None) -> int:
         return 1
     rows = []
     for run in runs:
-        reading = run.config().cmle.loss
-        for m, met in run.metrics().items():
-            rows.append({"run": run.name, "method": method_label(m, reading), **{k: met[k] for k in METRICS}})
+        rows += [{"run": run.name, **r} for r in metric_rows(run.metrics(), run.config().cmle.loss)]
     per_task = pd.DataFrame(rows)
     print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}\n")
     print(markdown_table(summarize(per_task)))

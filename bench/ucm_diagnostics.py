@@ -34,17 +34,14 @@ from cmg_core.metrics import detection_metrics  # noqa: E402
 from cmg_core.train import caption_tensor  # noqa: E402
 from cmg_core.train.frozen import build_trunk  # noqa: E402
 from cmg_core.runs import Run  # noqa: E402
-from cmg_core.detector import MahalanobisDetector  # noqa: E402
-from cmg_core.scoring import l2_normalize  # noqa: E402
+from cmg_core.detector import KNNDetector, MahalanobisDetector  # noqa: E402
 from cmg_core.stages import mean_caption_embedding  # noqa: E402
 from cmg_core.utils import resolve_device  # noqa: E402
 
 
 def knn_scores(train: np.ndarray, test: np.ndarray, k: int = 5) -> np.ndarray:
-    from sklearn.neighbors import NearestNeighbors
-
-    d, _ = NearestNeighbors(n_neighbors=k).fit(l2_normalize(train)).kneighbors(l2_normalize(test))
-    return d.mean(1)
+    """The `knn` scorer of the detector (what `raw@knn` reports in a run)."""
+    return KNNDetector(k, calibration_folds=0).fit(train).score(test)
 
 
 def task_diagnostics(run: Run) -> dict[str, float]:

@@ -2,9 +2,10 @@
 
 The public API (imported on first use, so `import cmg_core` stays light):
 
-    from cmg_core import CMG, SSD            # detectors in the scikit-learn / PyOD shape (cmg_core.api)
+    from cmg_core import CMG, SSD, RawKNN    # detectors in the scikit-learn / PyOD shape (cmg_core.api)
     from cmg_core import Predictor           # every method of a finished run folder (cmg_core.predict)
     from cmg_core import MahalanobisDetector # Eq.14 on any features, with a calibrated threshold
+    from cmg_core import KNNDetector         # mean distance to the k nearest normal features, calibrated too
     from cmg_core import load_config, train_run
 """
 from importlib import import_module
@@ -13,7 +14,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Detector": "api", "CMG": "api", "SSD": "api", "SSDER": "api", "SSDLE": "api", "CMGMSE": "api",
-    "Predictor": "predict", "MahalanobisDetector": "detector", "load_config": "config", "train_run": "train",
+    "RawKNN": "api", "Predictor": "predict", "MahalanobisDetector": "detector", "KNNDetector": "detector",
+    "load_config": "config", "train_run": "train",
 }
 __all__ = list(_EXPORTS)
 

@@ -9,6 +9,8 @@
     det.explain("a.png")                         # RID's mask, score, percentile, verdict
     det.save("my_detector")                      # a run folder (no pickles: cmg_core.artifacts)
     det = CMG.load("my_detector")
+    knn = SSD(scorer="knn")                      # SSD's features, k-NN score (detector.knn_k neighbours)
+    base = RawKNN().fit("my_images")             # no training: k-NN on the frozen trunk's features
 
 `fit` trains one run with this method only (E1, CMER, RID, CMLE as the method needs, E2, detector) through the
 same pipeline as `cmg train`, into `run_dir` (default: a new folder under `runs/`); the fitted detector is that
@@ -45,12 +47,18 @@ class Detector:
     """
 
     method = "cmg"
+    scorer = "mahalanobis"
 
-    def __init__(self, config: str | Path | None = None, *, method: str | None = None,
+    def __init__(self, config: str | Path | None = None, *, method: str | None = None, scorer: str | None = None,
                  run_dir: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                  device: str = "cpu", **sections: dict):
+        from .methods import SCORERS
+
         self.config = config
         self.method = method or type(self).method
+        self.scorer = scorer or type(self).scorer
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"{type(self).__name__}(scorer={self.scorer!r}): expected one of {list(SCORERS)}")
         self.run_dir = run_dir
         self.overrides = tuple(overrides)
         self.device = device
@@ -79,6 +87,8 @@ class Detector:
                                                                             dir=_mkdir("runs")))
         data.update(name=out.name, out_dir=str(out.parent))
         data.setdefault("train", {})["methods"] = [self.method]
+        scorers = list(data.setdefault("detector", {}).get("scorers") or [])
+        data["detector"]["scorers"] = scorers + [self.scorer] * (self.scorer not in scorers)
         return from_dict(RunConfig, data)
 
     def fit(self, dataset: Any = None, progress=None) -> "Detector":
@@ -93,13 +103,20 @@ class Detector:
         from .predict import Predictor
 
         self.predictor_ = Predictor.load(path, device=self.device)
-        if self.method not in self.predictor_.methods:
-            raise DataError(f"run folder {path} has no method {self.method!r}; it has {self.predictor_.methods}")
+        if self.key not in self.predictor_.methods:
+            raise DataError(f"run folder {path} has no method {self.key!r}; it has {self.predictor_.methods}")
         self.run_dir_ = Path(path)
-        det = self.predictor_.detectors[self.method]
+        det = self.predictor_.detectors[self.key]
         self.threshold_ = det.threshold_
-        self.metrics_ = self.predictor_.run.metrics().get(self.method, {})
+        self.metrics_ = self.predictor_.run.metrics().get(self.key, {})
         return self
+
+    @property
+    def key(self) -> str:
+        """The run folder's name of this method under this scorer: `cmg`, `cmg@knn`."""
+        from .methods import scored_key
+
+        return scored_key(self.method, self.scorer)
 
     def _check(self) -> None:
         if not hasattr(self, "predictor_"):
@@ -110,7 +127,7 @@ class Detector:
     def decision_function(self, images: list, batch_size: int = 64) -> np.ndarray:
         """(N,) anomaly scores of image paths or PIL images (higher = more anomalous)."""
         self._check()
-        return self.predictor_.score(list(images), self.method, batch_size=batch_size)
+        return self.predictor_.score(list(images), self.key, batch_size=batch_size)
 
     def predict(self, images: list, batch_size: int = 64) -> np.ndarray:
         """(N,) 1 = anomalous (score above the calibrated threshold), 0 = normal."""
@@ -121,7 +138,7 @@ class Detector:
         images, threshold and its meaning, verdict."""
         self._check()
         res = self.predictor_.explain(image)
-        m = self.method
+        m = self.key
         return {"rid_choice": res["rid_choice"], "rid_probs": res["rid_probs"], "masked_image": res["masked_image"],
                 "image": res["image"], "score": res["scores"][m], "percentile": res["percentiles"][m],
                 "threshold": res["thresholds"][m], "threshold_meaning": res["threshold_meaning"][m],
@@ -140,19 +157,20 @@ class Detector:
         return dst
 
     @classmethod
-    def load(cls, path: str | Path, method: str | None = None, device: str = "cpu") -> "Detector":
-        """A fitted detector from a run folder (written by `save`, `fit` or `cmg train`): this class's method, or
-        `method`; `Detector.load` of a one-method folder takes its method."""
+    def load(cls, path: str | Path, method: str | None = None, scorer: str | None = None,
+             device: str = "cpu") -> "Detector":
+        """A fitted detector from a run folder (written by `save`, `fit` or `cmg train`): this class's method and
+        scorer, or `method` / `scorer`; `Detector.load` of a one-method folder takes its method."""
         from .runs import Run
 
         run = Run.open(path)
         chosen = method or (run.methods[0] if cls is Detector and len(run.methods) == 1 else cls.method)
-        det = cls(run.path / "config.yaml", method=chosen, run_dir=run.path, device=device)
+        det = cls(run.path / "config.yaml", method=chosen, scorer=scorer, run_dir=run.path, device=device)
         return det._attach(run.path)
 
     def __repr__(self) -> str:
         state = f"fitted: {self.run_dir_}" if hasattr(self, "run_dir_") else "not fitted"
-        return f"{type(self).__name__}(method={self.method!r}, {state})"
+        return f"{type(self).__name__}(method={self.method!r}, scorer={self.scorer!r}, {state})"
 
 
 def _slug(method: str) -> str:
@@ -188,3 +206,11 @@ class SSDLE(Detector):
 
 class CMGMSE(Detector):
     method = "cmg-mse"
+
+
+class RawKNN(Detector):
+    """No training: the k-NN score on the frozen trunk's features (method `raw`, scorer `knn`), the baseline the
+    trained methods should beat (on UCM it beats them, README)."""
+
+    method = "raw"
+    scorer = "knn"

@@ -4,6 +4,7 @@ Each model is one NumPy archive `models/<name>.npz`, read with `np.load(allow_pi
 
     model/<parameter>     the network's state_dict (float32, or float16 in the shipped demo)
     detector/<key>        the MahalanobisDetector state (arrays, numbers, strings; no objects)
+    detector@knn/<key>    the KNNDetector state (its L2-normalised training features among them), when scored
     meta                  a JSON string: {"format": 2, ...} (method, text_dim, uses_er, encoder, ...)
 
 Run folders written before this format hold pickled `models/*.pt` files; they are not loaded (unpickling can
@@ -28,22 +29,29 @@ def model_path(models_dir: Path, name: str) -> Path:
     return Path(models_dir) / f"{name}.npz"
 
 
-def save_model(path: Path, weights: dict, detector: dict | None = None, **meta) -> None:
-    """Write weights (a state_dict), an optional detector state and JSON-able `meta` to `path` atomically."""
+def _prefix(scorer: str) -> str:
+    return "detector/" if scorer == "mahalanobis" else f"detector@{scorer}/"
+
+
+def save_model(path: Path, weights: dict, detectors: dict[str, dict] | None = None, **meta) -> None:
+    """Write weights (a state_dict), detector states ({scorer: state_dict}) and JSON-able `meta` to `path`
+    atomically."""
     arrays = {}
     for k, v in weights.items():
         t = v.detach().cpu()
         arrays[f"model/{k}"] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-    for k, v in (detector or {}).items():
-        arrays[f"detector/{k}"] = np.asarray(v)
+    for scorer, state in (detectors or {}).items():
+        for k, v in state.items():
+            arrays[_prefix(scorer) + k] = np.asarray(v)
     arrays["meta"] = np.asarray(json.dumps({"format": FORMAT, **meta}))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
 
-def load_model(path: Path) -> tuple[dict, dict | None, dict]:
-    """(weights {name: tensor}, detector state or None, meta) from a file written by `save_model`."""
+def load_model(path: Path) -> tuple[dict, dict[str, dict], dict]:
+    """(weights {name: tensor}, detector states {scorer: state} (empty for E1/RID), meta) from a file written by
+    `save_model`."""
     path = Path(path)
     if not path.is_file():
         legacy = path.with_suffix(".pt")
@@ -57,8 +65,13 @@ def load_model(path: Path) -> tuple[dict, dict | None, dict]:
         raise DataError(f"{path} holds pickled objects, which are not loaded: {exc}") from exc
     meta = json.loads(str(data.pop("meta")))
     weights = {k[len("model/"):]: torch.from_numpy(np.array(v)) for k, v in data.items() if k.startswith("model/")}
-    det = {k[len("detector/"):]: _scalar(v) for k, v in data.items() if k.startswith("detector/")}
-    return weights, (det or None), meta
+    dets: dict[str, dict] = {}
+    for k, v in data.items():
+        if k.startswith("detector"):
+            head, _, name = k.partition("/")
+            scorer = head.partition("@")[2] or "mahalanobis"
+            dets.setdefault(scorer, {})[name] = _scalar(v)
+    return weights, dets, meta
 
 
 def _scalar(v: np.ndarray):
@@ -105,7 +118,7 @@ def upgrade_run_folder(run_dir: Path, fpr: float = 0.05, calibration_folds: int 
                 det.calibration_scores_, det.calibrated_ = det._cross_fit_scores(
                     np.load(emb, allow_pickle=False)[train].astype(np.float64), None)
                 det.threshold_ = float(np.quantile(det.calibration_scores_, 1 - fpr, method="higher"))
-            save_model(pt.with_suffix(".npz"), state["model"], det.state_dict(), method=state.get("method", pt.stem),
+            save_model(pt.with_suffix(".npz"), state["model"], {"mahalanobis": det.state_dict()}, method=state.get("method", pt.stem),
                        text_dim=int(state.get("text_dim") or 0), uses_er=bool(state.get("uses_er", False)),
                        in_dim=state.get("in_dim"))
         pt.unlink()

@@ -139,12 +139,12 @@ def _print_metrics(run_dir) -> int:
     from .runs import Run
 
     metrics = Run.open(run_dir).metrics()
-    print(f"{'method':14s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}   flagged at the threshold: normal / anomalous %")
+    print(f"{'method':16s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}   flagged at the threshold: normal / anomalous %")
     for m, v in metrics.items():
         pct = [f"{v[k]:6.1f}" if v.get(k) is not None else f"{'-':>6s}" for k in ("flagged_normal", "flagged_anomaly")]
         flags = f"   {pct[0]} / {pct[1]}" if "flagged_normal" in v else "   (no threshold recorded)"
         ranking = " ".join(f"{v[k]:7.2f}" if k in v else f"{'-':>7s}" for k in ("auroc", "aupr", "fpr95"))
-        print(f"{m:14s} {ranking}{flags}")
+        print(f"{m:16s} {ranking}{flags}")
     return 0
 
 
@@ -157,9 +157,9 @@ def _cmd_evaluate(args) -> int:
     scores = run.scores()
     test = scores[scores.role == "test"]
     before = run.metrics() if (run.path / "metrics.json").is_file() else {}
-    metrics = {m: detection_metrics(test.is_anomaly.values, test[f"score_{m}"].values,
-                                    before.get(m, {}).get("threshold"))
-               for m in run.methods if f"score_{m}" in test}
+    keys = [c[len("score_"):] for c in test.columns if c.startswith("score_")]  # `cmg`, `cmg@knn`, ...
+    metrics = {k: detection_metrics(test.is_anomaly.values, test[f"score_{k}"].values,
+                                    before.get(k, {}).get("threshold")) for k in keys}
     write_json(run.path / "metrics.json", metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -209,7 +209,7 @@ def _cmd_predict(args) -> int:
     print(f"{len(table) - bad} image(s) scored, {bad} unreadable -> {args.out}")
     for m in methods:
         det = pred.detectors[m]
-        print(f"{m:14s} {int(table[f'anomalous_{m}'].sum()):6d} flagged anomalous ({det.describe_threshold()})")
+        print(f"{m:16s} {int(table[f'anomalous_{m}'].sum()):6d} flagged anomalous ({det.describe_threshold()})")
     return 0
 
 
@@ -223,7 +223,7 @@ def _cmd_explain(args) -> int:
     print(f"RID choice   region {res['rid_choice']} of {len(res['rid_probs'])} masked (probabilities: {probs})")
     for m in pred.methods:
         flag = "ANOMALY" if res["scores"][m] > res["thresholds"][m] else "normal"
-        print(f"{m:14s} score {res['scores'][m]:10.2f}   {res['percentiles'][m]:5.1f}th percentile of normal "
+        print(f"{m:16s} score {res['scores'][m]:10.2f}   {res['percentiles'][m]:5.1f}th percentile of normal "
               f"images   {flag} (threshold {res['thresholds'][m]:.2f})")
     for m in pred.methods:
         print(f"threshold of {m}: {pred.detectors[m].describe_threshold()}")
@@ -255,13 +255,12 @@ def _compact_models(models_dir) -> None:
 
     (models_dir / "e1.npz").unlink(missing_ok=True)
     for path in models_dir.glob("*.npz"):
-        weights, det, meta = load_model(path)
+        weights, dets, meta = load_model(path)
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-        if det is not None:
-            det = {k: (v.astype("float32") if hasattr(v, "dtype") and v.dtype == "float64" else v)
-                   for k, v in det.items()}
+        dets = {s: {k: (v.astype("float32") if hasattr(v, "dtype") and v.dtype == "float64" else v)
+                    for k, v in det.items()} for s, det in dets.items()}
         meta.pop("format", None)
-        save_model(path, weights, det, **meta)
+        save_model(path, weights, dets, **meta)
 
 
 def _cmd_experiment(args) -> int:
@@ -353,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True, help="CSV: image, rid_choice, score_<m>, anomalous_<m>, error")
-    p.add_argument("--method", action="append", default=[], help="only these methods (repeatable; default all)")
+    p.add_argument("--method", action="append", default=[], help="only these methods, e.g. cmg or cmg@knn for its k-NN score (repeatable; default all)")
     p.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at a time")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -136,6 +136,8 @@ class DetectorConfig:
     features: str = "backbone"  # E2 features scored: backbone (penultimate) | projection
     fpr: float = 0.05  # the verdict's threshold: this share of normal images expected flagged
     calibration_folds: int = 10  # K-fold cross-fitting on the normal training images sets it (0 = uncalibrated)
+    scorers: tuple = ("mahalanobis", "knn")  # each method's features get each score (knn: mean distance to the
+    knn_k: int = 5  # k nearest L2-normalised normal training features); results key `<method>@knn`
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"detector.features={cfg.detector.features!r}; expected backbone or projection")
     if cfg.detector.n_clusters < 1:
         raise ConfigError(f"detector.n_clusters={cfg.detector.n_clusters}; expected >= 1")
+    if not cfg.detector.scorers or any(s not in ("mahalanobis", "knn") for s in cfg.detector.scorers) \
+            or len(set(cfg.detector.scorers)) != len(cfg.detector.scorers):
+        raise ConfigError(f"detector.scorers={list(cfg.detector.scorers)}; expected a non-empty list of distinct "
+                          "scorers from [mahalanobis, knn]")
+    if cfg.detector.knn_k < 1:
+        raise ConfigError(f"detector.knn_k={cfg.detector.knn_k}; expected >= 1 (neighbours averaged)")
+    if any(parse_method(m).base == "raw" for m in cfg.train.methods) and cfg.e1.encoder != "frozen":
+        raise ConfigError("method raw scores the frozen trunk's features; it needs e1.encoder: frozen")
     if not 0 < cfg.detector.fpr < 1:
         raise ConfigError(f"detector.fpr={cfg.detector.fpr}; expected the share of normal images to flag, in (0, 1)")
     if cfg.detector.calibration_folds < 0 or cfg.detector.calibration_folds == 1:

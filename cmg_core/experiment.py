@@ -18,6 +18,7 @@ from .config import RunConfig, load_config, save_config, to_dict
 from .errors import ConfigError
 from .metrics import mean_ci
 from .runs import Run, write_csv, write_json
+from .methods import split_key
 from .train import method_label, train_run
 from .utils import machine_description
 
@@ -46,11 +47,24 @@ def _train_or_reuse(cfg: RunConfig, progress: Progress | None, log: Callable[[st
     return Run.open(run_dir)
 
 
-def summarize(per_task: pd.DataFrame) -> pd.DataFrame:
-    """Per method and metric: mean and 95% CI half-width over tasks (t distribution)."""
+def metric_rows(metrics: dict, reading: str = "lle") -> list[dict]:
+    """A run's metrics.json ({scored key: metrics}) as table rows: method (with its CMLE reading), scorer,
+    auroc, aupr, fpr95 (NaN when absent, e.g. a one-class run)."""
     rows = []
-    for method, g in per_task.groupby("method", sort=False):
-        row = {"method": method, "tasks": len(g)}
+    for key, met in metrics.items():
+        method, scorer = split_key(key)
+        rows.append({"method": method_label(method, reading), "scorer": scorer,
+                     **{m: met.get(m, float("nan")) for m in METRICS}})
+    return rows
+
+
+def summarize(per_task: pd.DataFrame) -> pd.DataFrame:
+    """Per method, scorer and metric: mean and 95% CI half-width over tasks (t distribution)."""
+    rows = []
+    if "scorer" not in per_task:  # tables written before scorers existed
+        per_task = per_task.assign(scorer="mahalanobis")
+    for (method, scorer), g in per_task.groupby(["method", "scorer"], sort=False):
+        row = {"method": method, "scorer": scorer, "tasks": len(g)}
         for m in METRICS:
             mean, hw = mean_ci(g[m].values)
             row[m], row[f"{m}_ci95"] = mean, hw
@@ -74,10 +88,12 @@ def time_split(runs) -> str:
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    lines = ["| method | AUROC | AUPR | FPR95 | tasks |", "|---|---|---|---|---|"]
-    for _, r in summary.iterrows():
+    """Rows grouped by scorer (Mahalanobis first), methods in training order within a scorer."""
+    lines = ["| method | score | AUROC | AUPR | FPR95 | tasks |", "|---|---|---|---|---|---|"]
+    order = summary.assign(_m=summary.scorer != "mahalanobis").sort_values("_m", kind="stable")
+    for _, r in order.iterrows():
         cells = [f"{r[m]:.2f} ± {r[m + '_ci95']:.2f}" for m in METRICS]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['tasks']} |")
+        lines.append(f"| {r['method']} | {r['scorer']} | " + " | ".join(cells) + f" | {r['tasks']} |")
     return "\n".join(lines)
 
 
@@ -103,9 +119,8 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
     for seed in cfg.experiment.task_seeds:
         run = _train_or_reuse(task_config(cfg, exp_dir, seed), progress, log)
         runs[seed] = run
-        for method, met in run.metrics().items():
-            rows.append({"seed": seed, "method": method_label(method, cfg.cmle.loss),
-                         "wall_time_s": run.info.get("wall_time_s"), **{m: met.get(m, float("nan")) for m in METRICS}})
+        rows += [{"seed": seed, "wall_time_s": run.info.get("wall_time_s"), **r}
+                 for r in metric_rows(run.metrics(), cfg.cmle.loss)]
         if cfg.experiment.mask_ablation:
             other = "soft" if cfg.cmer.mask == "hard" else "hard"
             mask_runs[seed] = _train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)
@@ -118,7 +133,9 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
     (exp_dir / "results.md").write_text(
         f"# {cfg.name}: {len(runs)} tasks ({cfg.data.name}, profile {cfg.model.profile})\n\n"
         f"Mean ± 95% CI (t distribution) over tasks with seeds {list(cfg.experiment.task_seeds)}; final-epoch "
-        f"models only.\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
+        f"models only. Scores: mahalanobis (Eq.14, detector.n_clusters={cfg.detector.n_clusters}), knn (mean "
+        f"distance to the {cfg.detector.knn_k} nearest normal training features); method raw = the frozen "
+        f"trunk's features, no training.\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
         "(tasks finished earlier are reused, not retrained).\n\n"
         f"{split}\n\n"
         f"Machine: {machine_description(cfg.train.device)}\n")

@@ -136,7 +136,8 @@ def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_run
     write_json(out / "fig6.json", lat)
     log("analysis: fig5 (distance correlation) and fig6 (t-SNE / UMAP) written")
 
-    write_json(out / "fig7.json", per_task[per_task.method.map(lambda m: parse_method(m).base).isin(["cmg", "cmg-mse"])].to_dict("records"))
+    fig7 = per_task.method.map(lambda m: parse_method(m).base).isin(["cmg", "cmg-mse"])
+    write_json(out / "fig7.json", per_task[fig7 & (per_task.scorer == "mahalanobis")].to_dict("records"))
     write_json(out / "fig8.json", history_curves(runs, "rid", ["train_acc", "val_acc", "chance"]))
     fig9 = []
     for seed, run in runs.items():

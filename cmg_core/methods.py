@@ -2,7 +2,11 @@
 methods, an optional reading in brackets: `cmg[lle]` (the paper's Eq.9-13: L_global pulls an image's embedding
 towards the LLE combination of its caption neighbours' embeddings) or `cmg[supcon]` (the released code: a
 supervised contrastive loss whose positives are the images of the same GMM caption cluster). A plain `cmg` /
-`ssd+le` uses `cmle.loss`.
+`ssd+le` uses `cmle.loss`. `raw` trains nothing: its features are the frozen trunk's (the baseline every
+trained method should beat).
+
+Each method's features are scored by each of `detector.scorers`; a scored result is named by its key:
+the method for the Mahalanobis score (`cmg`), `<method>@<scorer>` for another scorer (`cmg@knn`).
 """
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
+BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw")
+SCORERS = ("mahalanobis", "knn")
+DEFAULT_SCORER = "mahalanobis"
 READINGS = ("lle", "supcon")
 _USES = {  # base method -> (masked images (ER), CMLE (LE), MSE distillation)
     "ssd": (False, False, False), "ssd+er": (True, False, False), "ssd+le": (False, True, False),
-    "cmg": (True, True, False), "cmg-mse": (True, False, True)}
+    "cmg": (True, True, False), "cmg-mse": (True, False, True), "raw": (False, False, False)}
 _NAME = re.compile(r"^(?P<base>[a-z0-9+\-]+)(\[(?P<reading>[a-z]+)\])?$")
 
 
@@ -27,6 +33,11 @@ class MethodSpec:
     le: bool
     mse: bool
     reading: str | None  # lle | supcon for LE methods, else None
+
+    @property
+    def trained(self) -> bool:
+        """False for `raw` (the frozen trunk's features, no E2)."""
+        return self.base != "raw"
 
     @property
     def label(self) -> str:
@@ -53,3 +64,20 @@ def parse_method(name: str, default_reading: str = "lle") -> MethodSpec:
 
 def method_label(name: str, default_reading: str = "lle") -> str:
     return parse_method(name, default_reading).label
+
+
+def scored_key(method: str, scorer: str = DEFAULT_SCORER) -> str:
+    """Name of a method's result under a scorer: 'cmg' (Mahalanobis), 'cmg@knn'."""
+    return method if scorer == DEFAULT_SCORER else f"{method}@{scorer}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """'cmg@knn' -> ('cmg', 'knn'); 'cmg' -> ('cmg', 'mahalanobis')."""
+    method, _, scorer = str(key).partition("@")
+    return method, scorer or DEFAULT_SCORER
+
+
+def key_label(key: str, default_reading: str = "lle") -> str:
+    """Table name of a scored key: the method's label, with '@<scorer>' unless Mahalanobis: 'cmg[lle]@knn'."""
+    method, scorer = split_key(key)
+    return scored_key(method_label(method, default_reading), scorer)

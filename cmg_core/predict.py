@@ -20,14 +20,14 @@ from PIL import Image
 
 from .artifacts import load_model, model_path
 from .data.images import open_image
-from .detector import MahalanobisDetector
+from .detector import detector_from_state
 from .errors import DataError
 from .features import images_to_tensor, masked_variants, to_float, to_trunk_size
 from .masks import grid_masks
 from .models import RID, E2Head
 from .runs import Run, method_slug
 from .stages import e2_features, rid_predict
-from .methods import parse_method
+from .methods import parse_method, scored_key, split_key
 from .utils import resolve_device
 
 
@@ -37,7 +37,10 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
 
 
 class Predictor:
-    """A finished run's E1 features, RID, E2 models and detectors, ready to score new images (no captions)."""
+    """A finished run's E1 features, RID, E2 models and detectors, ready to score new images (no captions).
+
+    `detectors` is keyed by scored key: `cmg` (Mahalanobis), `cmg@knn` (k-NN on the same features); `e2` by
+    method (None for `raw`, the frozen trunk's features)."""
 
     def __init__(self, run: Run, cfg, rid: RID, e2: dict, detectors: dict, device: torch.device,
                  trunk=None, e1_image=None, apply: str = "pixel"):
@@ -45,10 +48,11 @@ class Predictor:
         self.device, self.trunk, self.e1_image, self.apply = device, trunk, e1_image, apply
         self.image_size, self.n_regions = cfg.data.image_size, cfg.cmer.n_regions
         self.mask, self.soft_value = cfg.cmer.mask, cfg.cmer.soft_value
-        self.specs = {m: parse_method(m, cfg.cmle.loss) for m in detectors}
+        self.specs = {m: parse_method(m, cfg.cmle.loss) for m in e2}
 
     @property
     def methods(self) -> list[str]:
+        """Scored keys: `cmg`, `cmg@knn`, ..."""
         return list(self.detectors)
 
     @classmethod
@@ -77,15 +81,19 @@ class Predictor:
         rid.load_state_dict({k: v.float() for k, v in load_model(model_path(models, "rid"))[0].items()})
         e2, dets = {}, {}
         for method in run.methods:
-            weights, det_state, meta = load_model(model_path(models, method_slug(method)))
-            text_dim = meta.get("text_dim") or None
-            if cfg.model.profile == "frozen":
-                net = E2Head(meta.get("in_dim") or feature_dim, cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
-            else:
-                net = build_e2(cfg, text_dim)
-            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
-            e2[method] = net.to(dev).eval()
-            dets[method] = MahalanobisDetector.from_state_dict(det_state)
+            weights, states, meta = load_model(model_path(models, method_slug(method)))
+            e2[method] = None  # raw: the trunk's features, no network
+            if parse_method(method, cfg.cmle.loss).trained:
+                text_dim = meta.get("text_dim") or None
+                if cfg.model.profile == "frozen":
+                    net = E2Head(meta.get("in_dim") or feature_dim, cfg.model.head_hidden, cfg.model.embed_dim,
+                                 text_dim)
+                else:
+                    net = build_e2(cfg, text_dim)
+                net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+                e2[method] = net.to(dev).eval()
+            for scorer, state in states.items():
+                dets[scored_key(method, scorer)] = detector_from_state(scorer, state)
         apply = run.info.get("mask_apply", "pixel")  # as recorded; older runs: pixel
         return cls(run, cfg, rid.eval(), e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
 
@@ -101,6 +109,8 @@ class Predictor:
         return feats[:b], feats[b:].view(b, m, -1)
 
     def _detector_features(self, method: str, x, variants, choice: np.ndarray, orig, masked) -> np.ndarray:
+        if not self.specs[method].trained:
+            return orig.float().cpu().numpy()
         er = self.specs[method].er
         rows = torch.arange(len(x))
         if self.cfg.model.profile == "frozen":
@@ -118,8 +128,10 @@ class Predictor:
         orig, masked = self._rid_inputs(x, variants)
         probs = rid_predict(self.rid, masked, orig).numpy()
         choice = probs.argmax(1)
-        scores = {m: self.detectors[m].score(self._detector_features(m, x, variants, choice, orig, masked))
-                  for m in (methods or self.methods)}
+        keys = methods or self.methods
+        feats = {m: self._detector_features(m, x, variants, choice, orig, masked)
+                 for m in dict.fromkeys(split_key(k)[0] for k in keys)}  # once per method, for every scorer
+        scores = {k: self.detectors[k].score(feats[split_key(k)[0]]) for k in keys}
         return x, variants, probs, choice, scores
 
     def score_table(self, images: list, batch_size: int = 64, methods: list[str] | None = None,

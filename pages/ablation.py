@@ -17,7 +17,10 @@ def roc_section(run) -> None:
     if not (require_table(run, "scores") and require_table(run, "images")):
         return
     methods = run.scored_methods()
-    picked = st.multiselect("Methods", methods, default=methods, key="ab_methods")
+    default = [m for m in methods if "@" not in m or m == "raw@knn"] or methods
+    picked = st.multiselect("Methods", methods, default=default, key="ab_methods")
+    st.caption("`<method>` is scored by Eq.14 (Mahalanobis), `<method>@knn` by the mean distance to the k nearest "
+               "normal training features (`detector.knn_k`); `raw` is the frozen trunk's features without training.")
     if not picked:
         st.info("Pick at least one method.")
         return

@@ -76,8 +76,9 @@ def render() -> None:
     run = require_run()
     if run is None:
         return
-    focus_default = [m for m in ("cmg", "ssd") if m in run.methods] or run.methods[:2]
-    focus = st.multiselect("Methods to show in detail", run.methods, default=focus_default, key="up_methods")
+    options = run.scored_methods() or run.methods  # `cmg`, `cmg@knn` (its k-NN score), ...
+    focus_default = [m for m in ("cmg", "ssd") if m in options] or options[:2]
+    focus = st.multiselect("Methods to show in detail", options, default=focus_default, key="up_methods")
     files = st.file_uploader("Images (PNG, JPEG, TIFF, BMP, WebP; several at once)", type=None,
                              accept_multiple_files=True, key="up_files")
     if not files:

@@ -23,7 +23,7 @@ def fitted(tmp_path_factory):
 
 def test_fit_scores_like_the_run_folder(fitted):
     det, _ = fitted
-    assert det.run_dir_.is_dir() and det.predictor_.methods == ["ssd"]
+    assert det.run_dir_.is_dir() and det.predictor_.methods == ["ssd", "ssd@knn"]
     assert det.metrics_["auroc"] > 50 and 0 <= det.metrics_["flagged_normal"] <= 100
     assert det.predictor_.detectors["ssd"].fpr == 0.1  # the section keyword reached the config
     images = det.predictor_.run.images()
@@ -35,6 +35,19 @@ def test_fit_scores_like_the_run_folder(fitted):
     assert set(flags) <= {0, 1} and np.array_equal(flags, (scores > det.threshold_).astype(int))
     res = det.explain(paths[0])
     assert res["score"] == pytest.approx(scores[0], rel=1e-4) and "expected 10 %" in res["threshold_meaning"]
+
+
+def test_knn_scorer_of_the_same_run(fitted):
+    """SSD(scorer="knn") is the same run's features under the k-NN score, with its own calibrated threshold."""
+    det, _ = fitted
+    knn = SSD.load(det.run_dir_, scorer="knn")
+    assert knn.key == "ssd@knn" and knn.threshold_ == knn.predictor_.detectors["ssd@knn"].threshold_
+    paths = list(knn.predictor_.run.images().path[:4])
+    stored = knn.predictor_.run.scores()["score_ssd@knn"].values[:4]
+    np.testing.assert_allclose(knn.decision_function(paths), stored, rtol=1e-3, atol=1e-4)
+    assert knn.metrics_ == knn.predictor_.run.metrics()["ssd@knn"]
+    with pytest.raises(ConfigError, match="scorer='lof'"):
+        SSD(scorer="lof")
 
 
 def test_save_and_load_in_a_new_process(fitted, tmp_path):

@@ -99,3 +99,63 @@ def test_calibration_survives_state_dict_and_old_states_say_uncalibrated():
     assert not MahalanobisDetector(calibration_folds=0).fit(train).calibrated_
     with pytest.raises(ConfigError, match="detector.fpr"):
         MahalanobisDetector(fpr=5).fit(train)
+
+
+def _knn_reference(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
+    """Brute force: mean of the k smallest Euclidean distances between L2-normalised rows."""
+    a = train / np.linalg.norm(train, axis=1, keepdims=True)
+    b = test / np.linalg.norm(test, axis=1, keepdims=True)
+    d = np.sqrt(((b[:, None, :] - a[None, :, :]) ** 2).sum(-1))
+    return np.sort(d, axis=1)[:, :k].mean(1)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_knn_score_matches_a_brute_force_reference(k):
+    from cmg_core.detector import KNNDetector
+
+    rng = np.random.default_rng(4)
+    train, test = rng.normal(size=(40, 6)), rng.normal(size=(12, 6))
+    det = KNNDetector(k=k).fit(train)
+    np.testing.assert_allclose(det.score(test), _knn_reference(train, test, k), rtol=1e-8)
+    np.testing.assert_allclose(det.decision_function(test), det.score(test))
+    back = KNNDetector.from_state_dict(det.state_dict())  # what a run folder stores
+    np.testing.assert_allclose(back.score(test), det.score(test), rtol=1e-12)
+    assert back.threshold_ == det.threshold_ and back.calibrated_
+    if k == 1:  # in sample, each point is its own nearest neighbour
+        assert np.allclose(det.train_scores_, 0, atol=1e-6)
+
+
+def test_knn_threshold_is_calibrated_by_cross_fitting():
+    """A training point is its own nearest neighbour, so the training scores are far too low to threshold on;
+    the cross-fitted threshold flags about fpr of new normal points."""
+    from cmg_core.detector import KNNDetector
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(4, 16)) * 3
+    draw = lambda n: centres[rng.integers(4, size=n)] + rng.normal(size=(n, 16))  # noqa: E731
+    det = KNNDetector(k=5, fpr=0.05).fit(draw(300))
+    new = draw(20000)
+    naive = np.mean(det.score(new) > np.quantile(det.train_scores_, 0.95))
+    realised = det.predict(new).mean()
+    assert naive > 0.15
+    assert 0.02 <= realised <= 0.09, realised
+
+
+def test_knn_errors_name_the_setting():
+    from cmg_core.detector import KNNDetector, make_detector
+    from cmg_core.config import load_config
+
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    with pytest.raises(ConfigError, match="detector.knn_k=6"):
+        KNNDetector(k=6).fit(x)
+    with pytest.raises(ConfigError, match="before fit"):
+        KNNDetector().score(x)
+    with pytest.raises(DataError, match="expects"):
+        KNNDetector(k=2).fit(x).score(np.zeros((2, 4)))
+    assert not KNNDetector(k=5, calibration_folds=10).fit(x).calibrated_  # folds of 5 rows leave < k to fit on
+    cfg = load_config(None, ["detector.knn_k=3"]).detector
+    assert make_detector("knn", cfg).k == 3 and make_detector("mahalanobis", cfg).n_clusters == cfg.n_clusters
+    with pytest.raises(ConfigError, match="detector.scorers"):
+        load_config(None, ["detector.scorers=[mahalanobis, lof]"])
+    with pytest.raises(ConfigError, match="detector.knn_k"):
+        load_config(None, ["detector.knn_k=0"])

@@ -99,7 +99,8 @@ def test_run_folder_is_complete(resumed):
     assert n == 40 and len(scores) == n and len(cmer) == n and (images.role == "train").sum() == 16
     assert {f"e1_score_{j}" for j in range(4)} <= set(cmer.columns) and cmer.rid_choice.between(0, 3).all()
     metrics = run.metrics()
-    assert set(metrics) == set(run.methods) == {"ssd", "cmg", "cmg-mse"}
+    assert set(run.methods) == {"ssd", "cmg", "cmg-mse"}
+    assert set(metrics) == {k for m in run.methods for k in (m, f"{m}@knn")}  # Eq.14 and k-NN scores
     for m in run.methods:
         assert np.isfinite(scores[f"score_{m}"].values).all()
         emb = run.embeddings(m)
@@ -118,11 +119,11 @@ def test_run_folder_is_complete(resumed):
 def test_predictor_scores_new_images(resumed):
     run, _, _ = resumed
     pred = Predictor.load(run.path)
-    assert pred.methods == run.methods
+    assert pred.methods == [k for m in run.methods for k in (m, f"{m}@knn")]
     images = run.images()
     res = pred.explain_many(list(images.path[:2]))
     assert len(res) == 2 and len(res[0]["variants"]) == 4 and 0 <= res[0]["rid_choice"] < 4
-    assert set(res[0]["scores"]) == set(run.methods) and all(np.isfinite(v) for v in res[0]["scores"].values())
+    assert set(res[0]["scores"]) == set(pred.methods) and all(np.isfinite(v) for v in res[0]["scores"].values())
     # the stored scores of those rows are reproduced (same preprocessing as training)
     stored = run.scores()["score_ssd"].values[:2]
     assert np.allclose(pred.score(list(images.path[:2]), "ssd"), stored, rtol=1e-3, atol=1e-3)
@@ -145,14 +146,14 @@ def frozen_e1_run(tmp_path_factory):
         mp.setenv("CMG_CACHE_DIR", str(out / "cache"))
         cfg = load_config("configs/synthetic_end2end.yaml",
                           [f"out_dir={out}", "name=f", *TINY, "model.trunk_image_size=64",
-                           "train.methods=[ssd+er, cmg[supcon]]", "e2.epochs=1", "train.eval_every_epoch=false"])
+                           "train.methods=[raw, ssd+er, cmg[supcon]]", "e2.epochs=1", "train.eval_every_epoch=false"])
         return Run.open(train_run(cfg))
 
 
 def test_frozen_e1_run_and_its_predictor(frozen_e1_run):
     run = frozen_e1_run
     assert run.info["e1_encoder"] == "frozen" and run.info["mask_apply"] == "feature"
-    assert run.info["method_labels"] == {"ssd+er": "ssd+er", "cmg[supcon]": "cmg[supcon]"}
+    assert run.info["method_labels"] == {"raw": "raw", "ssd+er": "ssd+er", "cmg[supcon]": "cmg[supcon]"}
     hist = run.history()
     sup = hist[(hist.stage == "e2") & (hist.method == "cmg[supcon]")]
     assert (sup["global"] > 0).all() and (sup["simclr"] == 0).all()  # SupCon replaces NT-Xent (released code)
@@ -161,7 +162,7 @@ def test_frozen_e1_run_and_its_predictor(frozen_e1_run):
     cmer = run.cmer()
     res = pred.explain_many(list(images.path[:3]))
     assert [r["rid_choice"] for r in res] == cmer.rid_choice.values[:3].tolist()
-    for m in run.methods:
+    for m in [*run.methods, "raw@knn", "cmg[supcon]@knn"]:  # raw: the frozen trunk's features at 64 px
         stored = run.scores()[f"score_{m}"].values[:3]
         assert np.allclose([r["scores"][m] for r in res], stored, rtol=1e-3, atol=1e-3)
 

@@ -29,7 +29,10 @@ def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
     exp = run_experiment(cfg, log=logs.append)
     per_task = pd.read_csv(exp / "results.csv")
     assert sorted(per_task.seed.unique()) == [0, 1]
-    assert set(per_task.method) == {"ssd", "ssd+er", "ssd+le[lle]", "cmg[lle]", "cmg-mse"}  # tables name the reading
+    assert set(per_task.method) == {"raw", "ssd", "ssd+er", "ssd+le[lle]", "cmg[lle]", "cmg-mse"}  # with the reading
+    assert (per_task.groupby("method").scorer.apply(set) == {"mahalanobis", "knn"}).all()  # each scored both ways
+    table = markdown_table(summarize(per_task)).splitlines()
+    assert table[2].startswith("| raw | mahalanobis |") and table[8].startswith("| raw | knn |")
     summary = pd.read_csv(exp / "summary.csv")
     assert {"auroc", "auroc_ci95", "aupr_ci95", "fpr95_ci95"} <= set(summary.columns)
     assert "±" in (exp / "results.md").read_text()
@@ -55,9 +58,11 @@ def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
     spec.loader.exec_module(diag)
     d = diag.task_diagnostics(Run.open(exp / "task_seed0"))
     for m, label in (("ssd", "ssd"), ("cmg", "cmg[lle]")):
-        reported = per_task.query("seed == 0 and method == @label").auroc.item()
+        reported = per_task.query("seed == 0 and method == @label and scorer == 'mahalanobis'").auroc.item()
         assert d[f"{m} k1"] == pytest.approx(reported, abs=1e-6)
-    assert 0 <= d["LLE weight on own class"] <= 100 and 0 <= d["raw knn5"] <= 100
+    raw_knn = per_task.query("seed == 0 and method == 'raw' and scorer == 'knn'").auroc.item()
+    assert d["raw knn5"] == pytest.approx(raw_knn, abs=1e-6)  # the bench's k-NN is the detector's
+    assert 0 <= d["LLE weight on own class"] <= 100
     assert all(0 <= d[f"raw drop {r}"] <= 100 for r in ("cmer", "rid", "random", "worst"))
     # rerun: nothing is retrained
     logs.clear()

@@ -44,7 +44,11 @@ def test_run_folder_is_complete(small_run):
         assert np.isfinite(s).all()
         emb = small_run.embeddings(m)
         assert emb.shape[0] == 200 and np.isfinite(emb).all()
-        assert set(small_run.metrics()[m]) == {"auroc", "aupr", "fpr95", "threshold", "flagged_normal", "flagged_anomaly"}
+        for key in (m, f"{m}@knn"):  # every method's features, scored by Eq.14 and by k-NN
+            assert set(small_run.metrics()[key]) == {"auroc", "aupr", "fpr95", "threshold", "flagged_normal",
+                                                     "flagged_anomaly"}
+            assert np.isfinite(scores[f"score_{key}"].values).all()
+    assert small_run.methods[0] == "raw" and small_run.embeddings("raw").shape == (200, 1280)  # trunk features
     hist = small_run.history()
     assert set(hist.stage) == {"e1", "rid", "e2"}
     assert (hist[hist.stage == "e2"].groupby("method").epoch.max() == 3).all()
@@ -169,7 +173,7 @@ def test_run_and_predictor_agree(request, fixture):
     pred = Predictor.load(run.path)
     res = pred.explain_many(list(images.path.values[test]))
     assert [r["rid_choice"] for r in res] == list(cmer.rid_choice.values[test])
-    for m in ("ssd+er", "cmg"):
+    for m in ("ssd+er", "cmg", "cmg@knn", "raw", "raw@knn"):
         got = np.array([r["scores"][m] for r in res])
         np.testing.assert_allclose(got, scores[f"score_{m}"].values[test], rtol=2e-3, atol=1e-3)
 
@@ -178,12 +182,16 @@ def test_mask_apply_option():
     with pytest.raises(ConfigError, match="cmer.apply"):
         load_config("configs/synthetic.yaml", ["cmer.apply=blur"])
     with pytest.raises(ConfigError, match="cmer.apply=feature"):
-        load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end", "cmer.apply=feature"])
+        load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end", "cmer.apply=feature",
+                                               "train.methods=[ssd]"])
+    with pytest.raises(ConfigError, match="method raw scores the frozen trunk"):  # there is no frozen trunk
+        load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end"])
     from cmg_core.config import mask_apply
 
     assert mask_apply(load_config("configs/synthetic.yaml")) == "feature"
     assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=end2end"])) == "feature"  # frozen E1
-    assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end"])) == "pixel"
+    assert mask_apply(load_config("configs/synthetic.yaml", ["model.profile=end2end", "e1.encoder=end2end",
+                                                             "train.methods=[ssd]"])) == "pixel"
     assert mask_apply(load_config("configs/synthetic.yaml", ["cmer.apply=pixel"])) == "pixel"
 
 
@@ -206,14 +214,14 @@ def test_run_folder_models_load_without_pickle_and_old_folders_are_upgraded(smal
     old = tmp_path / "old"
     shutil.copytree(small_run.path, old)
     for f in (old / "models").glob("*.npz"):  # rewrite as an older version did: one pickle per model
-        weights, det, meta = load_model(f)
+        weights, dets, meta = load_model(f)
         if f.stem == "rid":
             state = weights
         elif f.stem == "e1":
             state = {p: {k[len(p) + 1:]: v for k, v in weights.items() if k.startswith(p + ".")}
                      for p in ("image", "text")}
         else:
-            legacy = {k: det[k] for k in ("n_clusters", "covariance", "seed", "mean_", "std_", "means_",
+            legacy = {k: dets["mahalanobis"][k] for k in ("n_clusters", "covariance", "seed", "mean_", "std_", "means_",
                                           "precisions_", "train_scores_")}
             state = {"model": weights, "detector": legacy, "method": meta["method"], "text_dim": meta["text_dim"]}
         torch.save(state, f.with_suffix(".pt"))
@@ -230,4 +238,6 @@ def test_run_folder_models_load_without_pickle_and_old_folders_are_upgraded(smal
         assert det.calibrated_ and isinstance(det, MahalanobisDetector)
         assert det.threshold_ == pytest.approx(ref.threshold_, rel=1e-3)  # the same cross-fitting, from embeddings
     img = small_run.images().path.iloc[-1]
-    assert pred.explain(img)["scores"] == pytest.approx(fresh.explain(img)["scores"], rel=1e-5)
+    ref = fresh.explain(img)["scores"]  # old folders held Mahalanobis detectors only: no `<method>@knn` keys
+    assert pred.methods == [m for m in ref if "@" not in m]
+    assert pred.explain(img)["scores"] == pytest.approx({m: ref[m] for m in pred.methods}, rel=1e-5)

@@ -11,6 +11,7 @@ import torch
 
 from ..config import RunConfig, load_config, to_dict
 from ..errors import ConfigError
+from ..metrics import detection_metrics
 from ..runs import write_csv, write_json
 
 
@@ -52,6 +53,24 @@ class _NullWriter:
 
     def __getattr__(self, name):
         return lambda *a, **k: None
+
+
+def score_method(run, spec, h: np.ndarray, detectors: dict) -> dict:
+    """Score a method's features `h` (R, D) with each fitted detector ({scorer: detector}) and log the test
+    metrics: {scored key (`cmg`, `cmg@knn`): {"scores": (R,), "metrics": {...}}}."""
+    from ..methods import scored_key
+
+    out = {}
+    test = slice(run.n_train, None)
+    for scorer, det in detectors.items():
+        scores = det.score(h)
+        metrics = detection_metrics(run.is_anomaly[test], scores[test], det.threshold_)
+        ranking = (f"AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}; "
+                   if "auroc" in metrics else "no anomalies in the test set (one-class run); ")
+        run.log(f"{scored_key(spec.label, scorer)}: {ranking}threshold flags {metrics['flagged_normal']:.1f} % of "
+                f"held-out normals (target {100 * det.fpr:.0f} %)")
+        out[scored_key(spec.name, scorer)] = {"scores": scores, "metrics": metrics}
+    return out
 
 
 def write_results(run, results: dict) -> None:

@@ -27,7 +27,7 @@ from .. import distributed as D
 from ..cmle import cmle_weights, fit_caption_clusters
 from ..config import RunConfig, mask_apply, save_config
 from ..data import load_dataset, make_task
-from ..detector import MahalanobisDetector
+from ..detector import MahalanobisDetector, detector_from_state, make_detector
 from ..errors import ConfigError
 from ..features import load_images, to_float
 from ..masks import grid_masks
@@ -40,7 +40,8 @@ from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
 from ..methods import MethodSpec, parse_method
 from .objective import build_guidance
-from .records import _NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, write_results
+from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, score_method,
+                      write_results)
 
 Progress = Callable[[str, int, int], None]
 
@@ -96,10 +97,10 @@ class Run:
         if self.main:
             save_atomic(obj, path)
 
-    def save_model(self, path: Path, weights: dict, detector: dict | None = None, **meta) -> None:
+    def save_model(self, path: Path, weights: dict, detectors: dict | None = None, **meta) -> None:
         """A final model into models/ (NumPy archive, loadable without pickle; cmg_core.artifacts)."""
         if self.main:
-            save_model(path, weights, detector, **meta)
+            save_model(path, weights, detectors, **meta)
 
     def checkpoint(self, name: str, stage: str, method: str | None = None):
         """(state to resume from or None, callback saving each epoch) for a stage's per-epoch checkpoint.
@@ -299,51 +300,61 @@ class Run:
                 self._e2 = End2EndE2(self)
         return self._e2
 
-    def train_method(self, spec: MethodSpec) -> dict | None:
+    def train_method(self, spec: MethodSpec) -> dict:
+        """Train (or load) a method's E2 and fit its detectors: {scored key: {"scores", "metrics"}} on rank 0."""
         cfg, n = self.cfg, self.n_train
-        backend = self.e2_backend()
         final = model_path(self.models, self.slug(spec))
-        test = slice(n, None)
+        backend = self.e2_backend() if spec.trained else None
         if self.exists(final):
             if not self.main:
-                return None
-            weights, det_state, meta = load_model(final)
-            model = backend.build(meta["text_dim"] or None)
-            model.load_state_dict(weights)
-            det = MahalanobisDetector.from_state_dict(det_state)
+                return {}
+            weights, states, meta = load_model(final)
+            model = None
+            if spec.trained:
+                model = backend.build(meta["text_dim"] or None)
+                model.load_state_dict(weights)
+            h = self.method_features(backend, model, spec)
+            dets = {s: detector_from_state(s, states[s]) if s in states else  # a scorer added since: fit now
+                    make_detector(s, cfg.detector, seed=cfg.train.seed).fit(h[:n]) for s in cfg.detector.scorers}
         else:
-            g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights)
-
-            def evaluate(model) -> dict:  # plots only: never used to pick the model
-                if not cfg.train.eval_every_epoch or not 0 < self.is_anomaly[test].sum() < len(self.is_anomaly[test]):
-                    return {}
-                h = backend.embed(model, spec)
-                d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance,
-                                        calibration_folds=0).fit(h[:n])
-                return {"auroc": detection_metrics(self.is_anomaly[test], d.score(h[test]))["auroc"]}
-
-            model = backend.train(spec, g, evaluate)
+            model, text_dim = None, 0
+            if spec.trained:
+                g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights)
+                model = backend.train(spec, g, self.plot_auroc(backend, spec))
+                text_dim = g.mse_targets.shape[1] if g.mse_targets is not None else 0
+                if not self.main:
+                    D.barrier()
             if not self.main:
-                D.barrier()
-                return None
-            h = backend.embed(model, spec)
-            d = cfg.detector
-            det = MahalanobisDetector(d.n_clusters, d.covariance, seed=cfg.train.seed, fpr=d.fpr,
-                                      calibration_folds=d.calibration_folds).fit(h[:n])
-            text_dim = g.mse_targets.shape[1] if g.mse_targets is not None else 0
-            self.save_model(final, model.state_dict(), det.state_dict(), method=spec.name, text_dim=int(text_dim),
+                return {}
+            h = self.method_features(backend, model, spec)
+            dets = {s: make_detector(s, cfg.detector, seed=cfg.train.seed).fit(h[:n]) for s in cfg.detector.scorers}
+            self.save_model(final, model.state_dict() if model is not None else {},
+                            {s: d.state_dict() for s, d in dets.items()}, method=spec.name, text_dim=int(text_dim),
                             uses_er=spec.er)
-            (self.ckpt / f"e2_{self.slug(spec)}.pt").unlink(missing_ok=True)  # superseded by the final model
-            D.barrier()
-        h = backend.embed(model, spec)
+            if spec.trained:
+                (self.ckpt / f"e2_{self.slug(spec)}.pt").unlink(missing_ok=True)  # superseded by the final model
+                D.barrier()
         write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
-        scores = det.score(h)
-        metrics = detection_metrics(self.is_anomaly[test], scores[test], det.threshold_)
-        ranking = (f"AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}; "
-                   if "auroc" in metrics else "no anomalies in the test set (one-class run); ")
-        self.log(f"{spec.label}: {ranking}threshold flags {metrics['flagged_normal']:.1f} % of held-out normals "
-                 f"(target {100 * det.fpr:.0f} %)")
-        return {"scores": scores, "metrics": metrics}
+        return score_method(self, spec, h, dets)
+
+    def method_features(self, backend, model, spec: MethodSpec) -> np.ndarray:
+        """(R, D) features the detectors score: E2's, or for `raw` the frozen trunk's (no training)."""
+        if spec.trained:
+            return backend.embed(model, spec)
+        return self.e1.orig.numpy().astype(np.float32)
+
+    def plot_auroc(self, backend, spec: MethodSpec):
+        """Per-epoch test AUROC of the Mahalanobis score, for the history plots only (never picks a model)."""
+        cfg, n = self.cfg, self.n_train
+        y = self.is_anomaly[n:]
+        if not cfg.train.eval_every_epoch or not 0 < y.sum() < len(y):
+            return None
+
+        def evaluate(model) -> dict:
+            h = backend.embed(model, spec)
+            d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance, calibration_folds=0).fit(h[:n])
+            return {"auroc": detection_metrics(y, d.score(h[n:]))["auroc"]}
+        return evaluate
 
     def run(self) -> Path:
         t0 = time.time()
@@ -370,7 +381,7 @@ class Run:
                     self.log(f"time budget (CMG_DEADLINE) reached: stopping before {skipped}")
                     break
                 self.progress("methods", i, len(self.specs), spec.name)
-                results[spec.name] = timed(f"e2 {spec.name}", self.train_method, spec)
+                results.update(timed(f"e2 {spec.name}", self.train_method, spec))
                 if self.main:  # finished methods are on disk even if the process is stopped later
                     write_results(self, results)
             if self.main:
