@@ -67,8 +67,9 @@ def check_run(packed: str, out: Path, device: str, extra: list[str]) -> str:
     assert run.status == "done", run.info.get("error")
     assert run.info["device"].startswith(device), run.info["device"]
     metrics = run.metrics()
-    assert set(metrics) == set(run.methods), (sorted(metrics), run.methods)
-    for m in run.methods:
+    keys = {f"{m}{s}" for m in run.methods for s in ("", "@knn")}  # each method's Mahalanobis and k-NN scores
+    assert set(metrics) == keys, (sorted(metrics), run.methods)
+    for m in keys:
         assert np.isfinite(run.scores()[f"score_{m}"].values).all(), m
     return " ".join(f"{m}={v['auroc']:.1f}" for m, v in metrics.items())
 

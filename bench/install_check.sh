@@ -40,10 +40,18 @@ case "$where" in
     "$WORK"/venv/*) echo "cmg_core imported from the new venv: $where" ;;
     *) echo "FAIL: cmg_core imported from $where, not from the new venv" >&2; exit 1 ;;
 esac
-"$V/cmg" train --set name=check --set out_dir="$WORK/runs" --set data.name=synthetic \
-    --set "data.options={n_per_class: 12, classes: 3}" --set "task.normal_classes=[circle, square]" \
-    --set e1.epochs=2 --set cmer.rid_epochs=2 --set e2.epochs=1 --set e2.n_views=1 \
-    --set "train.methods=[raw, ssd]" --set cmle.n_clusters=2 > "$WORK/train.log" 2>&1 \
+cat > "$WORK/check.yaml" <<'YAML'
+# a user's own config: the synthetic set, tiny and fast
+name: check
+data: {name: synthetic, options: {n_per_class: 12, classes: 3}}
+task: {normal_classes: [circle, square]}
+e1: {epochs: 2}
+cmer: {rid_epochs: 2}
+e2: {epochs: 1, n_views: 1}
+cmle: {n_clusters: 2}
+train: {methods: [raw, ssd]}
+YAML
+"$V/cmg" train --config "$WORK/check.yaml" --set out_dir="$WORK/runs" > "$WORK/train.log" 2>&1 \
     || { tail -30 "$WORK/train.log" >&2; exit 1; }
 imgs="$("$V/python" -c "import pandas as pd; print(' '.join(pd.read_csv('$WORK/runs/check/images.csv').path[:2]))")"
 # shellcheck disable=SC2086

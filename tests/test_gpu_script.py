@@ -86,4 +86,4 @@ def test_a_run_past_its_deadline_starts_no_method(tiny_pack, tmp_path, monkeypat
     assert "time budget (CMG_DEADLINE) reached" in run.log_tail(50) and run.metrics() == {}
     monkeypatch.delenv("CMG_DEADLINE")
     run = Run.open(train_run(cfg))
-    assert run.status == "done" and set(run.metrics()) == {"ssd", "cmg[supcon]"}
+    assert run.status == "done" and set(run.metrics()) == {"ssd", "cmg[supcon]", "ssd@knn", "cmg[supcon]@knn"}
