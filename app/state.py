@@ -308,14 +308,15 @@ class RunData:
     def scored_methods(self) -> list[str]:
         """Scored keys with a scores.csv column, in run.json's method order: `cmg`, `cmg@knn`, ... (a method's
         Mahalanobis score, then its other scorers')."""
-        from cmg_core.methods import SCORERS, scored_key, split_key
+        from cmg_core.methods import SCORERS, primary_scorer, scored_key, split_key
 
         if not self.has("scores"):
             return []
         cols = self.scores().columns
         keys = [c[len("score_"):] for c in cols if c.startswith("score_")]
         methods = self.methods or list(dict.fromkeys(split_key(k)[0] for k in keys))
-        return [scored_key(m, s) for m in methods for s in SCORERS if score_column(cols, scored_key(m, s)) is not None]
+        keys = [scored_key(m, s) for m in methods for s in dict.fromkeys((primary_scorer(m), *SCORERS))]
+        return [k for k in keys if score_column(cols, k) is not None]
 
     def joined(self) -> pd.DataFrame:
         """images.csv with cmer.csv and scores.csv columns (those present) joined on `row`."""

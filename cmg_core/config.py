@@ -141,6 +141,15 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
+class BlissConfig:
+    """Method `bliss` (Goodge et al.): zero-shot scores from E1's image-text similarities, bias-corrected."""
+    k: int = 10  # dictionary entries averaged in the external score (the top-k per image)
+    weight: float = 0.5  # lambda: s_c = internal_c + weight * external
+    prompt: str = "This is a photo of a {label}"  # one prompt per normal class name
+    dictionary: Optional[str] = None  # a word list, one entry per line; null = the shipped list (ImageNet-1k names)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     methods: tuple = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
     seed: int = 0
@@ -173,6 +182,7 @@ class RunConfig:
     cmle: CMLEConfig = field(default_factory=CMLEConfig)
     e2: E2Config = field(default_factory=E2Config)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    bliss: BlissConfig = field(default_factory=BlissConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
@@ -241,8 +251,12 @@ def validate(cfg: RunConfig) -> None:
                           "scorers from [mahalanobis, knn]")
     if cfg.detector.knn_k < 1:
         raise ConfigError(f"detector.knn_k={cfg.detector.knn_k}; expected >= 1 (neighbours averaged)")
-    if any(parse_method(m).base == "raw" for m in cfg.train.methods) and cfg.e1.encoder != "frozen":
-        raise ConfigError("method raw scores the frozen trunk's features; it needs e1.encoder: frozen")
+    for base, what in (("raw", "scores the frozen trunk's features"), ("bliss", "uses E1's head on trunk features")):
+        if any(parse_method(m).base == base for m in cfg.train.methods) and cfg.e1.encoder != "frozen":
+            raise ConfigError(f"method {base} {what}; it needs e1.encoder: frozen")
+    if cfg.bliss.k < 1 or "{label}" not in cfg.bliss.prompt:
+        raise ConfigError(f"bliss.k={cfg.bliss.k}, bliss.prompt={cfg.bliss.prompt!r}: expected k >= 1 and a prompt "
+                          "containing {label}")
     if not 0 < cfg.detector.fpr < 1:
         raise ConfigError(f"detector.fpr={cfg.detector.fpr}; expected the share of normal images to flag, in (0, 1)")
     if cfg.detector.calibration_folds < 0 or cfg.detector.calibration_folds == 1:

@@ -289,6 +289,11 @@ def make_detector(scorer: str, cfg, seed: int = 0) -> CalibratedDetector:
 
 
 def detector_from_state(scorer: str, state: dict) -> CalibratedDetector:
-    if scorer not in SCORERS:
-        raise DataError(f"unknown scorer {scorer!r} in a saved model; this version knows {list(SCORERS)}")
-    return SCORERS[scorer].from_state_dict(state)
+    """A saved detector of any scorer: mahalanobis, knn, or a method's own (bliss, she)."""
+    from .bliss import BLISSDetector
+    from .she import SHEDetector
+
+    known = {**SCORERS, "bliss": BLISSDetector, "she": SHEDetector}
+    if scorer not in known:
+        raise DataError(f"unknown scorer {scorer!r} in a saved model; this version knows {list(known)}")
+    return known[scorer].from_state_dict(state)

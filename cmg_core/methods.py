@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw")
+BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw", "bliss")
 SCORERS = ("mahalanobis", "knn")
 DEFAULT_SCORER = "mahalanobis"
+OWN_SCORER = {"bliss": "bliss"}  # methods with a scoring rule of their own: that rule only, named by the method
 READINGS = ("lle", "supcon")
 _USES = {  # base method -> (masked images (ER), CMLE (LE), MSE distillation)
     "ssd": (False, False, False), "ssd+er": (True, False, False), "ssd+le": (False, True, False),
-    "cmg": (True, True, False), "cmg-mse": (True, False, True), "raw": (False, False, False)}
+    "cmg": (True, True, False), "cmg-mse": (True, False, True), "raw": (False, False, False),
+    "bliss": (False, False, False)}
 _NAME = re.compile(r"^(?P<base>[a-z0-9+\-]+)(\[(?P<reading>[a-z]+)\])?$")
 
 
@@ -36,8 +38,13 @@ class MethodSpec:
 
     @property
     def trained(self) -> bool:
-        """False for `raw` (the frozen trunk's features, no E2)."""
-        return self.base != "raw"
+        """False for `raw` (the frozen trunk's features) and `bliss` (E1's image embeddings): no E2."""
+        return self.base not in ("raw", "bliss")
+
+    @property
+    def own_scorer(self) -> str | None:
+        """The method's own scoring rule (`bliss`), used instead of `detector.scorers`; None for the others."""
+        return OWN_SCORER.get(self.base)
 
     @property
     def label(self) -> str:
@@ -66,15 +73,20 @@ def method_label(name: str, default_reading: str = "lle") -> str:
     return parse_method(name, default_reading).label
 
 
+def primary_scorer(method: str) -> str:
+    """The scorer a method's plain name stands for: its own rule (`bliss`), else Mahalanobis."""
+    return OWN_SCORER.get(str(method).split("[")[0], DEFAULT_SCORER)
+
+
 def scored_key(method: str, scorer: str = DEFAULT_SCORER) -> str:
-    """Name of a method's result under a scorer: 'cmg' (Mahalanobis), 'cmg@knn'."""
-    return method if scorer == DEFAULT_SCORER else f"{method}@{scorer}"
+    """Name of a method's result under a scorer: 'cmg' (Mahalanobis), 'cmg@knn', 'bliss' (its own rule)."""
+    return method if scorer == primary_scorer(method) else f"{method}@{scorer}"
 
 
 def split_key(key: str) -> tuple[str, str]:
-    """'cmg@knn' -> ('cmg', 'knn'); 'cmg' -> ('cmg', 'mahalanobis')."""
+    """'cmg@knn' -> ('cmg', 'knn'); 'cmg' -> ('cmg', 'mahalanobis'); 'bliss' -> ('bliss', 'bliss')."""
     method, _, scorer = str(key).partition("@")
-    return method, scorer or DEFAULT_SCORER
+    return method, scorer or primary_scorer(method)
 
 
 def key_label(key: str, default_reading: str = "lle") -> str:

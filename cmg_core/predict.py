@@ -24,7 +24,7 @@ from .detector import detector_from_state
 from .errors import DataError
 from .features import images_to_tensor, masked_variants, to_float, to_trunk_size
 from .masks import grid_masks
-from .models import RID, E2Head
+from .models import RID, E2Head, ImageHead
 from .runs import Run, method_slug
 from .stages import e2_features, rid_predict
 from .methods import parse_method, scored_key, split_key
@@ -83,7 +83,11 @@ class Predictor:
         for method in run.methods:
             weights, states, meta = load_model(model_path(models, method_slug(method)))
             e2[method] = None  # raw: the trunk's features, no network
-            if parse_method(method, cfg.cmle.loss).trained:
+            if parse_method(method).base == "bliss":  # E1's image head, stored with the method
+                head = ImageHead(feature_dim, cfg.model.head_hidden, cfg.model.embed_dim)
+                head.load_state_dict({k: v.float() for k, v in weights.items()})
+                e2[method] = head.to(dev).eval()
+            elif parse_method(method, cfg.cmle.loss).trained:
                 text_dim = meta.get("text_dim") or None
                 if cfg.model.profile == "frozen":
                     net = E2Head(meta.get("in_dim") or feature_dim, cfg.model.head_hidden, cfg.model.embed_dim,
@@ -109,6 +113,8 @@ class Predictor:
         return feats[:b], feats[b:].view(b, m, -1)
 
     def _detector_features(self, method: str, x, variants, choice: np.ndarray, orig, masked) -> np.ndarray:
+        if self.specs[method].base == "bliss":
+            return self.e2[method](orig.float().to(self.device)).cpu().numpy()
         if not self.specs[method].trained:
             return orig.float().cpu().numpy()
         er = self.specs[method].er

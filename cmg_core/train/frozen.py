@@ -78,6 +78,7 @@ class FrozenE1:
                           on_epoch=run.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
             run.save_model(path, {**{f"image.{k}": v for k, v in e1.image.state_dict().items()},
                                   **{f"text.{k}": v for k, v in e1.text.state_dict().items()}}, encoder="frozen")
+        self.model = e1  # method bliss scores with it
         scores = e1.score(self.masked, run.captions, cfg.cmer.caption_reduce).numpy()
         return scores, self.orig, self.masked
 

@@ -27,11 +27,10 @@ from .. import distributed as D
 from ..cmle import cmle_weights, fit_caption_clusters
 from ..config import RunConfig, mask_apply, save_config
 from ..data import load_dataset, make_task
-from ..detector import MahalanobisDetector, detector_from_state, make_detector
+from ..detector import detector_from_state, make_detector
 from ..errors import ConfigError
 from ..features import load_images, to_float
 from ..masks import grid_masks
-from ..metrics import detection_metrics
 from ..models import RID
 from ..runs import RunWriter, method_slug, write_csv, write_npy
 from ..stages import mean_caption_embedding, rid_predict, train_rid
@@ -39,9 +38,10 @@ from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
 from ..methods import MethodSpec, parse_method
+from .baselines import bliss_detector, untrained_features, untrained_model
 from .objective import build_guidance
-from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, score_method,
-                      write_results)
+from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, plot_auroc,
+                      score_method, write_results)
 
 Progress = Callable[[str, int, int], None]
 
@@ -309,25 +309,25 @@ class Run:
             if not self.main:
                 return {}
             weights, states, meta = load_model(final)
-            model = None
+            model = untrained_model(self, spec)
             if spec.trained:
                 model = backend.build(meta["text_dim"] or None)
                 model.load_state_dict(weights)
             h = self.method_features(backend, model, spec)
-            dets = {s: detector_from_state(s, states[s]) if s in states else  # a scorer added since: fit now
-                    make_detector(s, cfg.detector, seed=cfg.train.seed).fit(h[:n]) for s in cfg.detector.scorers}
+            dets = {s: detector_from_state(s, states[s]) for s in self.scorers(spec) if s in states}
+            dets.update(self.fit_detectors(spec, h, [s for s in self.scorers(spec) if s not in dets]))  # added since
         else:
-            model, text_dim = None, 0
+            model, text_dim = untrained_model(self, spec), 0
             if spec.trained:
                 g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights)
-                model = backend.train(spec, g, self.plot_auroc(backend, spec))
+                model = backend.train(spec, g, plot_auroc(self, backend, spec))
                 text_dim = g.mse_targets.shape[1] if g.mse_targets is not None else 0
                 if not self.main:
                     D.barrier()
             if not self.main:
                 return {}
             h = self.method_features(backend, model, spec)
-            dets = {s: make_detector(s, cfg.detector, seed=cfg.train.seed).fit(h[:n]) for s in cfg.detector.scorers}
+            dets = self.fit_detectors(spec, h, self.scorers(spec))
             self.save_model(final, model.state_dict() if model is not None else {},
                             {s: d.state_dict() for s, d in dets.items()}, method=spec.name, text_dim=int(text_dim),
                             uses_er=spec.er)
@@ -337,24 +337,18 @@ class Run:
         write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
         return score_method(self, spec, h, dets)
 
+    def scorers(self, spec: MethodSpec) -> list[str]:
+        """The method's own scoring rule (bliss), else every one of `detector.scorers`."""
+        return [spec.own_scorer] if spec.own_scorer else list(self.cfg.detector.scorers)
+
+    def fit_detectors(self, spec: MethodSpec, h: np.ndarray, scorers: list[str]) -> dict:
+        n, seed = self.n_train, self.cfg.train.seed
+        return {s: bliss_detector(self, h[:n]) if s == "bliss" else make_detector(s, self.cfg.detector, seed).fit(h[:n])
+                for s in scorers}
+
     def method_features(self, backend, model, spec: MethodSpec) -> np.ndarray:
-        """(R, D) features the detectors score: E2's, or for `raw` the frozen trunk's (no training)."""
-        if spec.trained:
-            return backend.embed(model, spec)
-        return self.e1.orig.numpy().astype(np.float32)
-
-    def plot_auroc(self, backend, spec: MethodSpec):
-        """Per-epoch test AUROC of the Mahalanobis score, for the history plots only (never picks a model)."""
-        cfg, n = self.cfg, self.n_train
-        y = self.is_anomaly[n:]
-        if not cfg.train.eval_every_epoch or not 0 < y.sum() < len(y):
-            return None
-
-        def evaluate(model) -> dict:
-            h = backend.embed(model, spec)
-            d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance, calibration_folds=0).fit(h[:n])
-            return {"auroc": detection_metrics(y, d.score(h[n:]))["auroc"]}
-        return evaluate
+        """(R, D) features the detectors score: E2's, or for raw / bliss the trunk's / E1's (no training)."""
+        return backend.embed(model, spec) if spec.trained else untrained_features(self, spec)
 
     def run(self) -> Path:
         t0 = time.time()
