@@ -10,7 +10,9 @@ For normal class c with prompt embedding t_c ("This is a photo of a {label}") an
     score(x)      = min_c s_c(x)                    (higher = more anomalous)
 
 mu, sigma: mean and std of each similarity over the normal training images. sim is the cosine similarity in a
-joint image-text space: this tool's E1 (images mapped into the caption space) by default.
+joint image-text space: by default the images are mapped into the text model's space by a ridge regression from
+the frozen trunk's features to the mean caption embedding of each normal training image (cmg_core.train.baselines);
+the prompts and the dictionary are embedded by the text model itself.
 """
 from __future__ import annotations
 

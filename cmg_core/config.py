@@ -147,6 +147,7 @@ class BlissConfig:
     weight: float = 0.5  # lambda: s_c = internal_c + weight * external
     prompt: str = "This is a photo of a {label}"  # one prompt per normal class name
     dictionary: Optional[str] = None  # a word list, one entry per line; null = the shipped list (ImageNet-1k names)
+    ridge_alpha: float = 1.0  # images -> text model space: ridge from trunk features to mean captions (dev seeds)
 
 
 @dataclass(frozen=True)
@@ -251,9 +252,11 @@ def validate(cfg: RunConfig) -> None:
                           "scorers from [mahalanobis, knn]")
     if cfg.detector.knn_k < 1:
         raise ConfigError(f"detector.knn_k={cfg.detector.knn_k}; expected >= 1 (neighbours averaged)")
-    for base, what in (("raw", "scores the frozen trunk's features"), ("bliss", "uses E1's head on trunk features")):
+    for base, what in (("raw", "scores the frozen trunk's features"), ("bliss", "maps the frozen trunk's features")):
         if any(parse_method(m).base == base for m in cfg.train.methods) and cfg.e1.encoder != "frozen":
             raise ConfigError(f"method {base} {what}; it needs e1.encoder: frozen")
+    if any(parse_method(m).base == "she" for m in cfg.train.methods) and cfg.detector.features != "backbone":
+        raise ConfigError("method she scores the classifier's input features: it needs detector.features: backbone")
     if cfg.bliss.k < 1 or "{label}" not in cfg.bliss.prompt:
         raise ConfigError(f"bliss.k={cfg.bliss.k}, bliss.prompt={cfg.bliss.prompt!r}: expected k >= 1 and a prompt "
                           "containing {label}")

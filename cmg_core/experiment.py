@@ -18,7 +18,7 @@ from .config import RunConfig, load_config, save_config, to_dict
 from .errors import ConfigError
 from .metrics import mean_ci
 from .runs import Run, write_csv, write_json
-from .methods import split_key
+from .methods import primary_scorer, split_key
 from .train import method_label, train_run
 from .utils import machine_description
 
@@ -88,9 +88,11 @@ def time_split(runs) -> str:
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """Rows grouped by scorer (Mahalanobis first), methods in training order within a scorer."""
+    """Each method's primary score first (Mahalanobis, or its own rule: bliss, she), then the k-NN rows; methods in
+    training order within a group."""
     lines = ["| method | score | AUROC | AUPR | FPR95 | tasks |", "|---|---|---|---|---|---|"]
-    order = summary.assign(_m=summary.scorer != "mahalanobis").sort_values("_m", kind="stable")
+    own = [scorer == primary_scorer(method) for method, scorer in zip(summary.method, summary.scorer)]
+    order = summary.assign(_m=[not o for o in own]).sort_values("_m", kind="stable")  # each method's own score first
     for _, r in order.iterrows():
         cells = [f"{r[m]:.2f} ± {r[m + '_ci95']:.2f}" for m in METRICS]
         lines.append(f"| {r['method']} | {r['scorer']} | " + " | ".join(cells) + f" | {r['tasks']} |")

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw", "bliss")
+BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw", "bliss", "she")
 SCORERS = ("mahalanobis", "knn")
 DEFAULT_SCORER = "mahalanobis"
-OWN_SCORER = {"bliss": "bliss"}  # methods with a scoring rule of their own: that rule only, named by the method
+OWN_SCORER = {"bliss": "bliss", "she": "she"}  # methods with a scoring rule of their own: that rule only, named by the method
 READINGS = ("lle", "supcon")
 _USES = {  # base method -> (masked images (ER), CMLE (LE), MSE distillation)
     "ssd": (False, False, False), "ssd+er": (True, False, False), "ssd+le": (False, True, False),
     "cmg": (True, True, False), "cmg-mse": (True, False, True), "raw": (False, False, False),
-    "bliss": (False, False, False)}
+    "bliss": (False, False, False), "she": (False, False, False)}
 _NAME = re.compile(r"^(?P<base>[a-z0-9+\-]+)(\[(?P<reading>[a-z]+)\])?$")
 
 
@@ -43,7 +43,7 @@ class MethodSpec:
 
     @property
     def own_scorer(self) -> str | None:
-        """The method's own scoring rule (`bliss`), used instead of `detector.scorers`; None for the others."""
+        """The method's own scoring rule (`bliss`, `she`), used instead of `detector.scorers`; None for the others."""
         return OWN_SCORER.get(self.base)
 
     @property

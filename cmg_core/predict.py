@@ -24,7 +24,7 @@ from .detector import detector_from_state
 from .errors import DataError
 from .features import images_to_tensor, masked_variants, to_float, to_trunk_size
 from .masks import grid_masks
-from .models import RID, E2Head, ImageHead
+from .models import RID, E2Head
 from .runs import Run, method_slug
 from .stages import e2_features, rid_predict
 from .methods import parse_method, scored_key, split_key
@@ -83,10 +83,10 @@ class Predictor:
         for method in run.methods:
             weights, states, meta = load_model(model_path(models, method_slug(method)))
             e2[method] = None  # raw: the trunk's features, no network
-            if parse_method(method).base == "bliss":  # E1's image head, stored with the method
-                head = ImageHead(feature_dim, cfg.model.head_hidden, cfg.model.embed_dim)
-                head.load_state_dict({k: v.float() for k, v in weights.items()})
-                e2[method] = head.to(dev).eval()
+            if parse_method(method).base == "bliss":  # the map of trunk features into the text model's space
+                lin = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+                lin.load_state_dict({k: v.float() for k, v in weights.items()})
+                e2[method] = lin.to(dev).eval()
             elif parse_method(method, cfg.cmle.loss).trained:
                 text_dim = meta.get("text_dim") or None
                 if cfg.model.profile == "frozen":

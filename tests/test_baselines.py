@@ -128,3 +128,42 @@ def test_bliss_method_in_a_run_and_the_predictor(bliss_run):
                                                                 "This is a photo of a square",
                                                                 "This is a photo of a triangle"]
     assert len(det.entries) == 3 + 999
+
+
+@pytest.mark.parametrize("profile", ["frozen", "end2end"])
+def test_she_method_trains_a_classifier_and_scores_by_energy(tmp_path, profile):
+    """`she` trains E2 with the classifier's cross-entropy on the normal classes (no contrastive term), stores one
+    pattern per class and scores by energy against the predicted class's pattern; the Predictor reproduces it."""
+    from cmg_core.config import load_config
+    from cmg_core.predict import Predictor
+    from cmg_core.runs import Run
+    from cmg_core.train import train_run
+
+    over = [f"out_dir={tmp_path}", "name=s", "data.options={n_per_class: 16, classes: 4}",
+            "task.normal_classes=[circle, square]", "e1.epochs=3", "cmer.rid_epochs=3", "e2.epochs=3",
+            "e2.n_views=2", "train.methods=[she]"]
+    if profile == "end2end":
+        over += ["model.profile=end2end", "data.image_size=32", "model.trunk_image_size=64", "model.backbone=cnn",
+                 "e2.batch_size=8", "train.eval_every_epoch=false"]
+    run = Run.open(train_run(load_config("configs/synthetic.yaml", over)))
+    assert set(run.metrics()) == {"she"}
+    e2 = run.history().query("stage == 'e2'")
+    assert (e2.ce > 0).all() and (e2.simclr == 0).all()
+    pred = Predictor.load(run.path)
+    det = pred.detectors["she"]
+    assert det.scorer == "she" and det.patterns_.shape[0] == 2 and det.weight.shape[0] == 2
+    images = run.images()
+    res = pred.explain_many(list(images.path[:3]))
+    np.testing.assert_allclose([r["scores"]["she"] for r in res], run.scores().score_she.values[:3], rtol=1e-3,
+                               atol=1e-3)
+
+
+def test_she_needs_two_normal_classes(tmp_path):
+    from cmg_core.config import load_config
+    from cmg_core.train import train_run
+
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=s1", "data.options={n_per_class: 12, classes: 3}",
+                                                 "task.normal_classes=[circle]", "e1.epochs=2", "cmer.rid_epochs=2",
+                                                 "train.methods=[she]"])
+    with pytest.raises(ConfigError, match=">= 2 normal classes"):
+        train_run(cfg)

@@ -1,5 +1,6 @@
 """The features and detectors of the methods without an E2 of their own: `raw` (the frozen trunk's features) and
-`bliss` (E1's image embeddings, scored against class prompts and a dictionary; cmg_core.bliss)."""
+`bliss` (images mapped into the text model's space, scored against class prompts and a dictionary; cmg_core.bliss),
+and SHE's detector on E2's classifier (`she`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,23 +9,57 @@ import torch
 from ..methods import MethodSpec
 
 
-def untrained_model(run, spec: MethodSpec):
-    """The network a method without E2 stores in its model file: E1's image head for bliss, none for raw."""
-    return run.e1.model.image if spec.base == "bliss" else None
+def text_space_map(trunk_feats: np.ndarray, caption_mean: np.ndarray, alpha: float) -> torch.nn.Linear:
+    """E1 in the text model's space: a ridge regression (sklearn, `bliss.ridge_alpha`) from the normal training
+    images' trunk features (N, F) to their mean caption embeddings (N, T), as a Linear(F, T)."""
+    from sklearn.linear_model import Ridge
+
+    ridge = Ridge(alpha=alpha).fit(trunk_feats, caption_mean)
+    lin = torch.nn.Linear(trunk_feats.shape[1], caption_mean.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(np.asarray(ridge.coef_, dtype=np.float32)))
+        lin.bias.copy_(torch.from_numpy(np.asarray(ridge.intercept_, dtype=np.float32)))
+    return lin.eval()
+
+
+def untrained_model(run, spec: MethodSpec, weights: dict | None = None):
+    """The network a method without E2 stores in its model file: bliss's map of trunk features into the text
+    model's space (fitted here, or loaded from `weights`), none for raw."""
+    if spec.base != "bliss":
+        return None
+    n = run.n_train
+    feats = run.e1.orig.float().numpy()
+    if weights:
+        lin = torch.nn.Linear(feats.shape[1], run.caption_mean.shape[1])
+        lin.load_state_dict(weights)
+        return lin.eval()
+    return text_space_map(feats[:n].astype(np.float64), run.caption_mean[:n].numpy().astype(np.float64),
+                          run.cfg.bliss.ridge_alpha)
 
 
 @torch.no_grad()
-def untrained_features(run, spec: MethodSpec) -> np.ndarray:
-    """(R, D) features of every row: E1's image embeddings (bliss) or the trunk's features (raw)."""
+def untrained_features(run, spec: MethodSpec, model=None) -> np.ndarray:
+    """(R, D) features of every row: the images in the text model's space (bliss, `model` the map) or the trunk's
+    features (raw)."""
     if spec.base == "bliss":
-        head = run.e1.model.image.eval()
-        return head(run.e1.orig.float()).numpy().astype(np.float32)
+        return model(run.e1.orig.float()).numpy().astype(np.float32)
     return run.e1.orig.numpy().astype(np.float32)
 
 
+def she_detector(run, model, train_feats: np.ndarray):
+    """SHE's stored patterns from the normal training images' features and E2's classifier (its `to_text` head)."""
+    from ..she import SHEDetector
+
+    d, n = run.cfg.detector, len(train_feats)
+    head = model.to_text
+    det = SHEDetector(head.weight.detach().float().cpu().numpy(), head.bias.detach().float().cpu().numpy(),
+                      seed=run.cfg.train.seed, fpr=d.fpr, calibration_folds=d.calibration_folds)
+    return det.fit(train_feats, run.class_labels[:n])
+
+
 def bliss_detector(run, train_feats: np.ndarray):
-    """BLISS fitted on the normal training images' E1 embeddings: prompts of the task's normal class names and the
-    dictionary, embedded by the text model and projected into E1's joint space."""
+    """BLISS fitted on the normal training images in the text model's space: prompts of the task's normal class
+    names and the dictionary, embedded by the text model."""
     from ..bliss import BLISSDetector, class_prompts, load_dictionary
     from ..encoders import TextEncoder
 
@@ -33,9 +68,7 @@ def bliss_detector(run, train_feats: np.ndarray):
     words = load_dictionary(cfg.bliss.dictionary)
     texts = class_prompts(names, cfg.bliss.prompt) + words
     emb = TextEncoder(cfg.model.text_model, device=str(run.device)).encode(texts)  # (C + J, T)
-    with torch.no_grad():
-        joint = run.e1.model.text.eval()(torch.from_numpy(np.asarray(emb, dtype=np.float32))).numpy()
     d = cfg.detector
-    det = BLISSDetector(joint, len(names), cfg.bliss.k, cfg.bliss.weight, seed=cfg.train.seed, fpr=d.fpr,
+    det = BLISSDetector(emb, len(names), cfg.bliss.k, cfg.bliss.weight, seed=cfg.train.seed, fpr=d.fpr,
                         calibration_folds=d.calibration_folds, entries=texts)
     return det.fit(train_feats)

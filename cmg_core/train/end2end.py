@@ -199,7 +199,7 @@ class End2EndE2:
     def train(self, spec: MethodSpec, g: Guidance, evaluate) -> E2Encoder:
         run, cfg, n = self.run, self.run.cfg, self.run.n_train
         e2 = cfg.e2
-        enc = self.build(g.mse_targets.shape[1] if g.mse_targets is not None else None)
+        enc = self.build(g.head_dim or None)
         model = run.sync_bn(E2Train(enc))
         enc = model.enc
         ddp = run.ddp(model)
@@ -251,7 +251,7 @@ class End2EndE2:
                         hn = hn[:b] + hn[b:]
                         hn = F.normalize(hn, dim=-1) if g.normalize else hn / 2
                     bank_b = bank.index_copy(0, idx_dev, hn)
-                text = t[rows].float() if g.mse_targets is not None else None
+                text = t[rows].float() if g.head_dim else None
                 loss, parts = e2_step_loss(g, ids, z1, z2, e2.temperature, h_clean=h_g, bank=bank_b,
                                            text_pred=text, local_idx=g_idx, contrast_scale=run.world)
                 opt.zero_grad(set_to_none=True)
@@ -265,7 +265,7 @@ class End2EndE2:
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
             sched.step()
-            keys = ("loss", "simclr", "global", "mse")
+            keys = ("loss", "simclr", "global", "mse", "ce")
             mean = D.all_reduce_mean(torch.tensor([sums.get(k, 0.0) / max(steps, 1) for k in keys],
                                                   dtype=torch.float64))
             rec = {"stage": "e2", "method": spec.name, "epoch": epoch + 1,

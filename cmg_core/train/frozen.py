@@ -78,7 +78,6 @@ class FrozenE1:
                           on_epoch=run.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
             run.save_model(path, {**{f"image.{k}": v for k, v in e1.image.state_dict().items()},
                                   **{f"text.{k}": v for k, v in e1.text.state_dict().items()}}, encoder="frozen")
-        self.model = e1  # method bliss scores with it
         scores = e1.score(self.masked, run.captions, cfg.cmer.caption_reduce).numpy()
         return scores, self.orig, self.masked
 
@@ -128,7 +127,7 @@ class HeadE2:
         state, save = run.checkpoint(f"e2_{run.slug(spec)}", "e2", spec.name)
         torch.manual_seed(run.stage_seed(5))
         gen = torch.Generator().manual_seed(run.stage_seed(5))
-        head = self.build(g.mse_targets.shape[1] if g.mse_targets is not None else None)
+        head = self.build(g.head_dim or None)
         opt = make_optimizer(head.parameters(), e2)
         start = _restore(state, {"model": head}, opt, gen)
         for epoch in range(start, e2.epochs):
@@ -148,7 +147,7 @@ class HeadE2:
                     h_all, _ = head(clean)
                     bank = F.normalize(h_all, dim=-1) if g.normalize else h_all
                     h_clean = h_all[idx] if h_clean is None else h_clean
-                if g.mse_targets is not None:
+                if g.head_dim:  # cmg-mse's text map, or she's classifier
                     h_clean = head(clean[idx])[0] if h_clean is None else h_clean
                     text = head.to_text(h_clean)
                 loss, parts = e2_step_loss(g, idx, z1, z2, e2.temperature, h_clean=h_clean, bank=bank,

@@ -29,6 +29,7 @@ class Guidance:
     lle_weights: sp.csr_matrix | None = None
     cluster_labels: torch.Tensor | None = None
     mse_targets: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None  # (N,) normal-class ids 0..C-1: method `she` (a classifier, CE only)
     weight: float = 1.0
     normalize: bool = True
     supcon_temperature: float = 0.5
@@ -39,10 +40,18 @@ class Guidance:
     def needs_features(self) -> bool:
         """Whether a step needs E2's features of the batch's images besides the projections (L_global,
         cmg-mse): of the un-augmented images (`e2.guidance_on: clean`) or of the two views (`views`)."""
-        return self.lle_weights is not None or self.mse_targets is not None
+        return self.lle_weights is not None or self.mse_targets is not None or self.class_labels is not None
+
+    @property
+    def head_dim(self) -> int:
+        """Outputs of E2's linear head on h (`to_text`): the text dimension (cmg-mse), the number of normal classes
+        (she: the classifier), else 0 (no head)."""
+        if self.mse_targets is not None:
+            return int(self.mse_targets.shape[1])
+        return int(self.class_labels.max()) + 1 if self.class_labels is not None else 0
 
     def to(self, device) -> "Guidance":
-        for k in ("cluster_labels", "mse_targets"):
+        for k in ("cluster_labels", "mse_targets", "class_labels"):
             v = getattr(self, k)
             if v is not None:
                 setattr(self, k, v.to(device))
@@ -50,9 +59,10 @@ class Guidance:
 
 
 def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_weight: float,
-                   clusters_and_weights) -> Guidance:
+                   clusters_and_weights, class_labels: np.ndarray | None = None) -> Guidance:
     """Guidance of one method. caption_mean (N, T) of the training images; `clusters_and_weights()` returns
-    (GMM labels (N,), LLE weights (N, N) csr), computed once per run and shared by the methods."""
+    (GMM labels (N,), LLE weights (N, N) csr), computed once per run and shared by the methods; class_labels (N,)
+    the normal-class ids 0..C-1 of the training images (used by `she` only)."""
     g = Guidance(weight=cmle_cfg.weight, normalize=cmle_cfg.normalize,
                  supcon_temperature=cmle_cfg.supcon_temperature,
                  supcon_with_simclr=cmle_cfg.supcon_with_simclr, mse_weight=mse_weight)
@@ -64,6 +74,12 @@ def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_w
             g.cluster_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if spec.mse:
         g.mse_targets = caption_mean.float()
+    if spec.base == "she":
+        labels = np.asarray(class_labels) if class_labels is not None else np.zeros(0, int)
+        if len(np.unique(labels)) < 2:
+            raise ConfigError("method she trains a classifier on the normal classes: the task needs >= 2 normal "
+                              f"classes with training images (got {len(np.unique(labels))})")
+        g.class_labels = torch.as_tensor(labels, dtype=torch.long)
     return g
 
 
@@ -87,7 +103,14 @@ def e2_step_loss(g: Guidance, ids: torch.Tensor, z1: torch.Tensor, z2: torch.Ten
     (or is added with weight lambda when `supcon_with_simclr`).
     """
     local_idx = ids if local_idx is None else local_idx
-    parts = {"simclr": 0.0, "global": 0.0, "mse": 0.0}
+    parts = {"simclr": 0.0, "global": 0.0, "mse": 0.0, "ce": 0.0}
+    if g.class_labels is not None:  # she: cross-entropy of the classifier only, no contrastive term
+        if text_pred is None:
+            raise ConfigError("she needs E2's classifier logits of the batch's features")
+        target = g.class_labels[local_idx.to(g.class_labels.device)].to(text_pred.device)
+        ce = F.cross_entropy(text_pred.float(), target)
+        parts["ce"] = parts["loss"] = ce.item()
+        return ce + 0.0 * (z1.sum() + z2.sum()), parts  # the projection takes part (DDP needs every parameter used)
     supcon = None
     if g.cluster_labels is not None:
         labels = g.cluster_labels[ids.to(g.cluster_labels.device)].to(z1.device)

@@ -38,7 +38,7 @@ from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
 from ..methods import MethodSpec, parse_method
-from .baselines import bliss_detector, untrained_features, untrained_model
+from .baselines import bliss_detector, she_detector, untrained_features, untrained_model
 from .objective import build_guidance
 from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, plot_auroc,
                       score_method, write_results)
@@ -180,6 +180,9 @@ class Run:
         self.rows = np.concatenate([t.train_idx, t.test_idx])
         self.n_train = len(t.train_idx)
         self.is_anomaly = np.concatenate([np.zeros(self.n_train, int), t.test_is_anomaly])
+        ids = {c: i for i, c in enumerate(t.normal_classes)}  # normal-class index 0..C-1 (she); -1: anomaly
+        labels = self.ds.labels
+        self.class_labels = np.array([ids.get(int(labels[r]), -1) for r in self.rows])
         self.roles = np.array(["train"] * self.n_train + ["test"] * len(t.test_idx))
         self.specs = [parse_method(m, cfg.cmle.loss) for m in cfg.train.methods]
         if not self.main:
@@ -309,25 +312,26 @@ class Run:
             if not self.main:
                 return {}
             weights, states, meta = load_model(final)
-            model = untrained_model(self, spec)
+            model = untrained_model(self, spec, weights)
             if spec.trained:
                 model = backend.build(meta["text_dim"] or None)
                 model.load_state_dict(weights)
             h = self.method_features(backend, model, spec)
             dets = {s: detector_from_state(s, states[s]) for s in self.scorers(spec) if s in states}
-            dets.update(self.fit_detectors(spec, h, [s for s in self.scorers(spec) if s not in dets]))  # added since
+            dets.update(self.fit_detectors(spec, h, [s for s in self.scorers(spec) if s not in dets], model))  # added since
         else:
             model, text_dim = untrained_model(self, spec), 0
             if spec.trained:
-                g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights)
+                g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights,
+                                   self.class_labels[:n])
                 model = backend.train(spec, g, plot_auroc(self, backend, spec))
-                text_dim = g.mse_targets.shape[1] if g.mse_targets is not None else 0
+                text_dim = g.head_dim
                 if not self.main:
                     D.barrier()
             if not self.main:
                 return {}
             h = self.method_features(backend, model, spec)
-            dets = self.fit_detectors(spec, h, self.scorers(spec))
+            dets = self.fit_detectors(spec, h, self.scorers(spec), model)
             self.save_model(final, model.state_dict() if model is not None else {},
                             {s: d.state_dict() for s, d in dets.items()}, method=spec.name, text_dim=int(text_dim),
                             uses_er=spec.er)
@@ -341,14 +345,21 @@ class Run:
         """The method's own scoring rule (bliss), else every one of `detector.scorers`."""
         return [spec.own_scorer] if spec.own_scorer else list(self.cfg.detector.scorers)
 
-    def fit_detectors(self, spec: MethodSpec, h: np.ndarray, scorers: list[str]) -> dict:
+    def fit_detectors(self, spec: MethodSpec, h: np.ndarray, scorers: list[str], model=None) -> dict:
         n, seed = self.n_train, self.cfg.train.seed
-        return {s: bliss_detector(self, h[:n]) if s == "bliss" else make_detector(s, self.cfg.detector, seed).fit(h[:n])
-                for s in scorers}
+        out = {}
+        for s in scorers:
+            if s == "bliss":
+                out[s] = bliss_detector(self, h[:n])
+            elif s == "she":
+                out[s] = she_detector(self, model, h[:n])
+            else:
+                out[s] = make_detector(s, self.cfg.detector, seed).fit(h[:n])
+        return out
 
     def method_features(self, backend, model, spec: MethodSpec) -> np.ndarray:
         """(R, D) features the detectors score: E2's, or for raw / bliss the trunk's / E1's (no training)."""
-        return backend.embed(model, spec) if spec.trained else untrained_features(self, spec)
+        return backend.embed(model, spec) if spec.trained else untrained_features(self, spec, model)
 
     def run(self) -> Path:
         t0 = time.time()
