@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Detector": "api", "CMG": "api", "SSD": "api", "SSDER": "api", "SSDLE": "api", "CMGMSE": "api",
-    "RawKNN": "api", "Predictor": "predict", "MahalanobisDetector": "detector", "KNNDetector": "detector",
+    "RawKNN": "api", "BLISS": "api", "SHE": "api", "Predictor": "predict", "MahalanobisDetector": "detector", "KNNDetector": "detector",
     "load_config": "config", "train_run": "train",
 }
 __all__ = list(_EXPORTS)

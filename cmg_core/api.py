@@ -47,18 +47,20 @@ class Detector:
     """
 
     method = "cmg"
-    scorer = "mahalanobis"
+    scorer: str | None = None  # None: the method's primary score (Mahalanobis, or its own rule: bliss, she)
 
     def __init__(self, config: str | Path | None = None, *, method: str | None = None, scorer: str | None = None,
                  run_dir: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                  device: str = "cpu", **sections: dict):
-        from .methods import SCORERS
+        from .methods import SCORERS, primary_scorer
 
         self.config = config
         self.method = method or type(self).method
-        self.scorer = scorer or type(self).scorer
-        if self.scorer not in SCORERS:
-            raise ConfigError(f"{type(self).__name__}(scorer={self.scorer!r}): expected one of {list(SCORERS)}")
+        self.scorer = scorer or type(self).scorer or primary_scorer(self.method)
+        allowed = dict.fromkeys((primary_scorer(self.method), *SCORERS)) if self.method.split("[")[0] not in (
+            "bliss", "she") else [primary_scorer(self.method)]
+        if self.scorer not in allowed:
+            raise ConfigError(f"{type(self).__name__}(scorer={self.scorer!r}): expected one of {list(allowed)}")
         self.run_dir = run_dir
         self.overrides = tuple(overrides)
         self.device = device
@@ -88,7 +90,8 @@ class Detector:
         data.update(name=out.name, out_dir=str(out.parent))
         data.setdefault("train", {})["methods"] = [self.method]
         scorers = list(data.setdefault("detector", {}).get("scorers") or [])
-        data["detector"]["scorers"] = scorers + [self.scorer] * (self.scorer not in scorers)
+        if self.scorer in ("mahalanobis", "knn") and self.scorer not in scorers:
+            data["detector"]["scorers"] = scorers + [self.scorer]
         return from_dict(RunConfig, data)
 
     def fit(self, dataset: Any = None, progress=None) -> "Detector":
@@ -214,3 +217,17 @@ class RawKNN(Detector):
 
     method = "raw"
     scorer = "knn"
+
+
+class BLISS(Detector):
+    """BLISS (Goodge et al.): zero-shot scores from image-text similarities to the normal class names' prompts and a
+    dictionary, bias-corrected with the normal training images (config section `bliss`). No E2."""
+
+    method = "bliss"
+
+
+class SHE(Detector):
+    """SHE (Zhang et al., ICLR 2023): a classifier on the normal classes, energy against the stored pattern of the
+    predicted class. Needs >= 2 normal classes with labels."""
+
+    method = "she"

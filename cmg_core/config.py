@@ -151,6 +151,14 @@ class BlissConfig:
 
 
 @dataclass(frozen=True)
+class CMDAConfig:
+    """Method `cmda` (cross-modal data augmentation; the mixing rule is this tool's reading, cmg_core.cmda)."""
+    neighbors: int = 5  # partners per image: the training images that match its captions best (E1, Eq.2)
+    max_mix: float = 0.5  # a partner's weight: max_mix * clip(matching score, 0, 1)
+    align_weight: float = 0.1  # the image-text alignment term: MSE of E2's text map to the mean caption embedding
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     methods: tuple = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")
     seed: int = 0
@@ -184,6 +192,7 @@ class RunConfig:
     e2: E2Config = field(default_factory=E2Config)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     bliss: BlissConfig = field(default_factory=BlissConfig)
+    cmda: CMDAConfig = field(default_factory=CMDAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
@@ -252,11 +261,15 @@ def validate(cfg: RunConfig) -> None:
                           "scorers from [mahalanobis, knn]")
     if cfg.detector.knn_k < 1:
         raise ConfigError(f"detector.knn_k={cfg.detector.knn_k}; expected >= 1 (neighbours averaged)")
-    for base, what in (("raw", "scores the frozen trunk's features"), ("bliss", "maps the frozen trunk's features")):
+    for base, what in (("raw", "scores the frozen trunk's features"), ("bliss", "maps the frozen trunk's features"),
+                       ("cmda", "picks mixing partners with E1 on the frozen trunk")):
         if any(parse_method(m).base == base for m in cfg.train.methods) and cfg.e1.encoder != "frozen":
             raise ConfigError(f"method {base} {what}; it needs e1.encoder: frozen")
     if any(parse_method(m).base == "she" for m in cfg.train.methods) and cfg.detector.features != "backbone":
         raise ConfigError("method she scores the classifier's input features: it needs detector.features: backbone")
+    if cfg.cmda.neighbors < 1 or not 0 <= cfg.cmda.max_mix <= 1 or cfg.cmda.align_weight < 0:
+        raise ConfigError(f"cmda: neighbors={cfg.cmda.neighbors}, max_mix={cfg.cmda.max_mix}, align_weight="
+                          f"{cfg.cmda.align_weight}; expected neighbors >= 1, 0 <= max_mix <= 1, align_weight >= 0")
     if cfg.bliss.k < 1 or "{label}" not in cfg.bliss.prompt:
         raise ConfigError(f"bliss.k={cfg.bliss.k}, bliss.prompt={cfg.bliss.prompt!r}: expected k >= 1 and a prompt "
                           "containing {label}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw", "bliss", "she")
+BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw", "bliss", "she", "cmda")
 SCORERS = ("mahalanobis", "knn")
 DEFAULT_SCORER = "mahalanobis"
 OWN_SCORER = {"bliss": "bliss", "she": "she"}  # methods with a scoring rule of their own: that rule only, named by the method
@@ -23,7 +23,7 @@ READINGS = ("lle", "supcon")
 _USES = {  # base method -> (masked images (ER), CMLE (LE), MSE distillation)
     "ssd": (False, False, False), "ssd+er": (True, False, False), "ssd+le": (False, True, False),
     "cmg": (True, True, False), "cmg-mse": (True, False, True), "raw": (False, False, False),
-    "bliss": (False, False, False), "she": (False, False, False)}
+    "bliss": (False, False, False), "she": (False, False, False), "cmda": (False, False, False)}
 _NAME = re.compile(r"^(?P<base>[a-z0-9+\-]+)(\[(?P<reading>[a-z]+)\])?$")
 
 

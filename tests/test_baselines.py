@@ -104,8 +104,9 @@ def bliss_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bliss")
     cfg = load_config("configs/synthetic.yaml", [f"out_dir={out}", "name=b", "data.options={n_per_class: 24, classes: 5}",
-                                                 "task.normal_classes=[circle, square, triangle]", "e1.epochs=25",
-                                                 "cmer.rid_epochs=5", "train.methods=[bliss, raw]"])
+                                                 "task.normal_classes=[circle, square, triangle]", "e1.epochs=10",
+                                                 "cmer.rid_epochs=5", "e2.epochs=2", "e2.n_views=2",
+                                                 "train.methods=[bliss, raw, she, cmda]", "cmda.neighbors=3"])
     return Run.open(train_run(cfg))
 
 
@@ -115,7 +116,7 @@ def test_bliss_method_in_a_run_and_the_predictor(bliss_run):
     from cmg_core.predict import Predictor
 
     metrics = bliss_run.metrics()
-    assert set(metrics) == {"bliss", "raw", "raw@knn"}
+    assert set(metrics) == {"bliss", "raw", "raw@knn", "she", "cmda", "cmda@knn"}
     assert metrics["bliss"]["auroc"] > 60  # E1 has learnt the shapes' captions: the class prompts match normals
     images = bliss_run.images()
     rows = np.r_[0:3, len(images) - 3:len(images)]
@@ -130,34 +131,6 @@ def test_bliss_method_in_a_run_and_the_predictor(bliss_run):
     assert len(det.entries) == 3 + 999
 
 
-@pytest.mark.parametrize("profile", ["frozen", "end2end"])
-def test_she_method_trains_a_classifier_and_scores_by_energy(tmp_path, profile):
-    """`she` trains E2 with the classifier's cross-entropy on the normal classes (no contrastive term), stores one
-    pattern per class and scores by energy against the predicted class's pattern; the Predictor reproduces it."""
-    from cmg_core.config import load_config
-    from cmg_core.predict import Predictor
-    from cmg_core.runs import Run
-    from cmg_core.train import train_run
-
-    over = [f"out_dir={tmp_path}", "name=s", "data.options={n_per_class: 16, classes: 4}",
-            "task.normal_classes=[circle, square]", "e1.epochs=3", "cmer.rid_epochs=3", "e2.epochs=3",
-            "e2.n_views=2", "train.methods=[she]"]
-    if profile == "end2end":
-        over += ["model.profile=end2end", "data.image_size=32", "model.trunk_image_size=64", "model.backbone=cnn",
-                 "e2.batch_size=8", "train.eval_every_epoch=false"]
-    run = Run.open(train_run(load_config("configs/synthetic.yaml", over)))
-    assert set(run.metrics()) == {"she"}
-    e2 = run.history().query("stage == 'e2'")
-    assert (e2.ce > 0).all() and (e2.simclr == 0).all()
-    pred = Predictor.load(run.path)
-    det = pred.detectors["she"]
-    assert det.scorer == "she" and det.patterns_.shape[0] == 2 and det.weight.shape[0] == 2
-    images = run.images()
-    res = pred.explain_many(list(images.path[:3]))
-    np.testing.assert_allclose([r["scores"]["she"] for r in res], run.scores().score_she.values[:3], rtol=1e-3,
-                               atol=1e-3)
-
-
 def test_she_needs_two_normal_classes(tmp_path):
     from cmg_core.config import load_config
     from cmg_core.train import train_run
@@ -167,3 +140,86 @@ def test_she_needs_two_normal_classes(tmp_path):
                                                  "train.methods=[she]"])
     with pytest.raises(ConfigError, match=">= 2 normal classes"):
         train_run(cfg)
+
+
+def test_bliss_through_the_python_api(bliss_run):
+    from cmg_core import BLISS, RawKNN
+
+    det = BLISS.load(bliss_run.path)
+    assert det.key == "bliss" and det.threshold_ == det.predictor_.detectors["bliss"].threshold_
+    paths = list(bliss_run.images().path[:3])
+    np.testing.assert_allclose(det.decision_function(paths), bliss_run.scores().score_bliss.values[:3], rtol=1e-3,
+                               atol=1e-3)
+    assert RawKNN.load(bliss_run.path).key == "raw@knn"
+    with pytest.raises(ConfigError, match="scorer='knn'"):
+        BLISS(scorer="knn")
+
+
+def test_cmda_partners_and_mixing_by_hand():
+    import torch
+
+    from cmg_core.cmda import cmda_partners, draw_partners, mix
+
+    s = np.array([[1.0, 0.8, -0.2, 0.5],
+                  [0.3, 1.0, 0.9, 0.1],
+                  [0.2, 0.4, 1.0, 0.6],
+                  [0.7, 0.0, 0.1, 1.0]])
+    partners, weights = cmda_partners(s, k=2, max_mix=0.5)
+    np.testing.assert_array_equal(partners, [[1, 3], [2, 0], [3, 1], [0, 2]])  # never itself, best match first
+    np.testing.assert_allclose(weights, [[0.4, 0.25], [0.45, 0.15], [0.3, 0.2], [0.35, 0.05]])
+    assert cmda_partners(s, k=10, max_mix=0.5)[0].shape == (4, 3)  # k capped at N - 1
+    np.testing.assert_allclose(cmda_partners(np.array([[1.0, -0.5], [-0.5, 1.0]]), 1, 1.0)[1], 0)  # clipped at 0
+    x, p = torch.ones(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
+    out = mix(x, p, torch.tensor([0.25, 0.5]))
+    assert torch.allclose(out[0], torch.full((3, 2, 2), 0.75)) and torch.allclose(out[1], torch.full((3, 2, 2), 0.5))
+    j, w = draw_partners(torch.as_tensor(partners), torch.as_tensor(weights), torch.tensor([0, 2]),
+                         torch.Generator().manual_seed(0))
+    assert j[0].item() in (1, 3) and j[1].item() in (3, 1) and w.shape == (2,)
+    with pytest.raises(ConfigError, match="max_mix"):
+        cmda_partners(s, 2, 1.5)
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    """she and cmda with E2 trained end to end (a small CNN on 32 px images); E1 a head on the frozen trunk."""
+    from cmg_core.config import load_config
+    from cmg_core.runs import Run
+    from cmg_core.train import train_run
+
+    out = tmp_path_factory.mktemp("e2e_baselines")
+    over = [f"out_dir={out}", "name=e", "data.options={n_per_class: 16, classes: 4}",
+            "task.normal_classes=[circle, square]", "e1.epochs=3", "cmer.rid_epochs=3", "e2.epochs=2",
+            "train.methods=[ssd, she, cmda]", "cmda.neighbors=3", "model.profile=end2end", "data.image_size=32",
+            "model.trunk_image_size=64", "model.backbone=cnn", "e2.batch_size=8", "train.eval_every_epoch=false"]
+    return Run.open(train_run(load_config("configs/synthetic.yaml", over)))
+
+
+@pytest.mark.parametrize("fixture", ["bliss_run", "e2e_run"])
+def test_she_trains_a_classifier_and_scores_by_energy(request, fixture):
+    """`she` trains E2 with the classifier's cross-entropy on the normal classes (no contrastive term), stores one
+    pattern per class and scores by energy against the predicted class's pattern; the Predictor reproduces it."""
+    from cmg_core.predict import Predictor
+
+    run = request.getfixturevalue(fixture)
+    e2 = run.history().query("stage == 'e2' and method == 'she'")
+    assert (e2.ce > 0).all() and (e2.simclr == 0).all()
+    pred = Predictor.load(run.path)
+    det = pred.detectors["she"]
+    assert det.scorer == "she" and det.patterns_.shape[0] == det.weight.shape[0] == len(run.info["normal_classes"])
+    res = pred.explain_many(list(run.images().path[:3]))
+    np.testing.assert_allclose([r["scores"]["she"] for r in res], run.scores().score_she.values[:3], rtol=1e-3,
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("fixture", ["bliss_run", "e2e_run"])
+def test_cmda_trains_on_mixed_views(request, fixture):
+    """cmda: SimCLR on views mixed with caption-matched partners (trunk features in the frozen profile, pixels end
+    to end) plus the small alignment term; scored like SSD (Mahalanobis and k-NN)."""
+    run = request.getfixturevalue(fixture)
+    assert {"cmda", "cmda@knn"} <= set(run.metrics())
+    assert "CMDA: 3 partners per image" in run.log_tail(200)
+    e2 = run.history().query("stage == 'e2' and method == 'cmda'")
+    assert (e2.simclr > 0).all() and (e2.mse > 0).all() and (e2.ce == 0).all()
+    if fixture == "e2e_run":
+        ssd = run.history().query("stage == 'e2' and method == 'ssd'")
+        assert not np.allclose(e2.simclr.values, ssd.simclr.values)  # mixed views, not SSD's

@@ -72,3 +72,20 @@ def bliss_detector(run, train_feats: np.ndarray):
     det = BLISSDetector(emb, len(names), cfg.bliss.k, cfg.bliss.weight, seed=cfg.train.seed, fpr=d.fpr,
                         calibration_folds=d.calibration_folds, entries=texts)
     return det.fit(train_feats)
+
+
+@torch.no_grad()
+def cmda_pairs(run):
+    """(cmda config, partners (N, k), weights (N, k)) of the normal training images: S[i, j] = E1's matching score
+    (Eq.2, cosine in E1's joint space) of image j against the mean of image i's caption embeddings."""
+    import torch.nn.functional as F
+
+    from ..cmda import cmda_partners
+
+    n, e1 = run.n_train, run.e1.model
+    img = F.normalize(e1.image.eval()(run.e1.orig[:n].float()), dim=-1)  # (N, D)
+    txt = F.normalize(e1.text.eval()(run.captions[:n].float()), dim=-1).mean(1)  # (N, D) mean over captions
+    sim = (F.normalize(txt, dim=-1) @ img.T).numpy()  # (N, N): row i = captions of i, column j = image j
+    partners, weights = cmda_partners(sim, run.cfg.cmda.neighbors, run.cfg.cmda.max_mix)
+    run.log(f"CMDA: {partners.shape[1]} partners per image, mean weight {weights.mean():.3f}")
+    return run.cfg.cmda, partners, weights

@@ -196,6 +196,12 @@ class End2EndE2:
         enc.train(was_training)
         return torch.cat(parts)
 
+    def _mix(self, v: torch.Tensor, idx: torch.Tensor, g: Guidance, gen: torch.Generator) -> torch.Tensor:
+        from ..cmda import draw_partners, mix
+
+        partner, w = draw_partners(g.mix_partners, g.mix_weights, idx, gen)
+        return mix(v, _augment(self.run, self.run.batch(partner), gen), w.to(v.device))
+
     def train(self, spec: MethodSpec, g: Guidance, evaluate) -> E2Encoder:
         run, cfg, n = self.run, self.run.cfg, self.run.n_train
         e2 = cfg.e2
@@ -220,6 +226,7 @@ class End2EndE2:
             if epoch == start:
                 run.log_shards(f"e2 {spec.name}", epoch + 1, shard)
             gen = torch.Generator().manual_seed(run.stage_seed(5) * 7919 + epoch * run.world + run.rank)
+            mix_gen = torch.Generator().manual_seed(run.stage_seed(5) * 7919 + epoch * run.world + run.rank + 104729)
             if lle and (bank is None or not on_views):  # views: once, then kept current by the batches
                 bank = self._fill_bank(enc, train_masks, g.normalize)
             ddp.train()
@@ -231,6 +238,8 @@ class End2EndE2:
                 b = len(idx)
                 clean = run.batch(idx, train_masks)
                 v1, v2 = _augment(run, clean, gen), _augment(run, clean, gen)
+                if g.mix_partners is not None:  # cmda: each view mixed in pixel space with a partner's view
+                    v1, v2 = (self._mix(v, idx, g, mix_gen) for v in (v1, v2))
                 extra = g.needs_features and not on_views
                 x = torch.cat([v1, v2, clean] if extra else [v1, v2])
                 with run.autocast():

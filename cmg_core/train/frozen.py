@@ -78,6 +78,7 @@ class FrozenE1:
                           on_epoch=run.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
             run.save_model(path, {**{f"image.{k}": v for k, v in e1.image.state_dict().items()},
                                   **{f"text.{k}": v for k, v in e1.text.state_dict().items()}}, encoder="frozen")
+        self.model = e1  # cmda picks its mixing partners with it
         scores = e1.score(self.masked, run.captions, cfg.cmer.caption_reduce).numpy()
         return scores, self.orig, self.masked
 
@@ -127,6 +128,7 @@ class HeadE2:
         state, save = run.checkpoint(f"e2_{run.slug(spec)}", "e2", spec.name)
         torch.manual_seed(run.stage_seed(5))
         gen = torch.Generator().manual_seed(run.stage_seed(5))
+        mix_gen = torch.Generator().manual_seed(run.stage_seed(5) + 1)  # cmda: partners and their views
         head = self.build(g.head_dim or None)
         opt = make_optimizer(head.parameters(), e2)
         start = _restore(state, {"model": head}, opt, gen)
@@ -137,6 +139,8 @@ class HeadE2:
                 if len(idx) < 2:
                     continue
                 v1, v2 = _feature_views(views, idx, e2, gen)  # the same draws for every method
+                if g.mix_partners is not None:  # cmda: each view mixed with a view of a caption-matched partner
+                    v1, v2 = (mix_views(v, views, idx, g, e2, mix_gen) for v in (v1, v2))
                 h1, z1 = head(v1)
                 h2, z2 = head(v2)
                 h_clean = bank = text = None
@@ -176,3 +180,11 @@ def make_optimizer(params, stage_cfg) -> torch.optim.Optimizer:
     if opt == "adam":
         return torch.optim.Adam(params, lr=stage_cfg.lr, betas=betas, weight_decay=stage_cfg.weight_decay)
     return torch.optim.AdamW(params, lr=stage_cfg.lr, betas=betas, weight_decay=stage_cfg.weight_decay)
+
+
+def mix_views(v: torch.Tensor, views: torch.Tensor, idx: torch.Tensor, g: Guidance, e2, gen) -> torch.Tensor:
+    """CMDA in the frozen profile: (1 - w) v + w (a feature view of a partner), partners drawn per row."""
+    from ..cmda import draw_partners, mix
+
+    partner, w = draw_partners(g.mix_partners, g.mix_weights, idx, gen)
+    return mix(v, _feature_views(views, partner, e2, gen)[0], w)

@@ -30,6 +30,8 @@ class Guidance:
     cluster_labels: torch.Tensor | None = None
     mse_targets: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None  # (N,) normal-class ids 0..C-1: method `she` (a classifier, CE only)
+    mix_partners: torch.Tensor | None = None  # (N, k) CMDA: each image's mixing partners (cmg_core.cmda)
+    mix_weights: torch.Tensor | None = None  # (N, k) and their weights
     weight: float = 1.0
     normalize: bool = True
     supcon_temperature: float = 0.5
@@ -59,10 +61,11 @@ class Guidance:
 
 
 def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_weight: float,
-                   clusters_and_weights, class_labels: np.ndarray | None = None) -> Guidance:
+                   clusters_and_weights, class_labels: np.ndarray | None = None, cmda=None) -> Guidance:
     """Guidance of one method. caption_mean (N, T) of the training images; `clusters_and_weights()` returns
     (GMM labels (N,), LLE weights (N, N) csr), computed once per run and shared by the methods; class_labels (N,)
-    the normal-class ids 0..C-1 of the training images (used by `she` only)."""
+    the normal-class ids 0..C-1 of the training images (used by `she` only); cmda () -> (config section, partners
+    (N, k), weights (N, k)) for `cmda` (called only for it)."""
     g = Guidance(weight=cmle_cfg.weight, normalize=cmle_cfg.normalize,
                  supcon_temperature=cmle_cfg.supcon_temperature,
                  supcon_with_simclr=cmle_cfg.supcon_with_simclr, mse_weight=mse_weight)
@@ -74,6 +77,12 @@ def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_w
             g.cluster_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if spec.mse:
         g.mse_targets = caption_mean.float()
+    if spec.base == "cmda":
+        section, partners, weights = cmda()
+        g.mix_partners = torch.as_tensor(partners, dtype=torch.long)
+        g.mix_weights = torch.as_tensor(weights, dtype=torch.float32)
+        if section.align_weight > 0:
+            g.mse_targets, g.mse_weight = caption_mean.float(), section.align_weight
     if spec.base == "she":
         labels = np.asarray(class_labels) if class_labels is not None else np.zeros(0, int)
         if len(np.unique(labels)) < 2:

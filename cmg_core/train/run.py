@@ -38,7 +38,7 @@ from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
 from ..methods import MethodSpec, parse_method
-from .baselines import bliss_detector, she_detector, untrained_features, untrained_model
+from .baselines import bliss_detector, cmda_pairs, she_detector, untrained_features, untrained_model
 from .objective import build_guidance
 from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, plot_auroc,
                       score_method, write_results)
@@ -323,7 +323,7 @@ class Run:
             model, text_dim = untrained_model(self, spec), 0
             if spec.trained:
                 g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights,
-                                   self.class_labels[:n])
+                                   self.class_labels[:n], lambda: cmda_pairs(self))
                 model = backend.train(spec, g, plot_auroc(self, backend, spec))
                 text_dim = g.head_dim
                 if not self.main:
