@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmg_core.config import load_config  # noqa: E402
 from cmg_core.experiment import run_experiment  # noqa: E402
-from cmg_core.methods import method_label, scored_key  # noqa: E402
+from cmg_core.methods import parse_method, scored_key  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,9 @@ def main(argv=None) -> int:
                                         f"train.methods=[{','.join(args.methods)}]", "experiment.mask_ablation=false"])
         exp_dir = run_experiment(cfg, analyses=False, log=lambda msg: print(msg, flush=True))
         summary = pd.read_csv(exp_dir / "summary.csv")  # methods named with their CMLE reading
-        labels = [scored_key(method_label(m, cfg.cmle.loss), s) for s in cfg.detector.scorers for m in args.methods]
+        specs = [parse_method(m, cfg.cmle.loss) for m in args.methods]  # own rule (bliss, she) or detector.scorers
+        labels = [scored_key(sp.label, s) for sp in specs for s in ([sp.own_scorer] if sp.own_scorer
+                                                                    else cfg.detector.scorers)]
         for _, r in summary.iterrows():
             rows.append({args.key: value, "method": scored_key(r["method"], r.get("scorer", "mahalanobis")),
                          "auroc": f"{r['auroc']:.2f} ± {r['auroc_ci95']:.2f}"})
