@@ -6,7 +6,8 @@
     det = SSD(data={"name": "folder", "root": "my_images"}).fit()        # or any config section as a dict
     det.decision_function(["a.png", "b.png"])    # (N,) scores, higher = more anomalous
     det.predict(["a.png", "b.png"])              # (N,) 1 = anomalous at the calibrated threshold (detector.fpr)
-    det.explain("a.png")                         # RID's mask, score, percentile, verdict
+    det.explain("a.png")                         # RID's mask, score, percentile, verdict, and in words: nearest
+                                                 # normal captions, dictionary words, caption cluster
     det.save("my_detector")                      # a run folder (no pickles: cmg_core.artifacts)
     det = CMG.load("my_detector")
     knn = SSD(scorer="knn")                      # SSD's features, k-NN score (detector.knn_k neighbours)
@@ -138,14 +139,15 @@ class Detector:
 
     def explain(self, image) -> dict:
         """One image: RID's mask choice and probabilities, the masked image, score, percentile among normal
-        images, threshold and its meaning, verdict."""
+        images, threshold and its meaning, verdict, and `language` (cmg_core.language: the nearest normal training
+        captions, the closest dictionary words and caption cluster; None for a run without a frozen E1 trunk)."""
         self._check()
         res = self.predictor_.explain(image)
         m = self.key
         return {"rid_choice": res["rid_choice"], "rid_probs": res["rid_probs"], "masked_image": res["masked_image"],
                 "image": res["image"], "score": res["scores"][m], "percentile": res["percentiles"][m],
                 "threshold": res["thresholds"][m], "threshold_meaning": res["threshold_meaning"][m],
-                "anomalous": res["anomalous"][m]}
+                "anomalous": res["anomalous"][m], "language": res.get("language")}
 
     # --- persistence ----------------------------------------------------------------------------------
 

@@ -227,6 +227,11 @@ def _cmd_explain(args) -> int:
               f"images   {flag} (threshold {res['thresholds'][m]:.2f})")
     for m in pred.methods:
         print(f"threshold of {m}: {pred.detectors[m].describe_threshold()}")
+    words = res.get("language")
+    if words:
+        print("in words     nearest normal captions: " + "; ".join(f"{c!r} ({s:.2f})" for c, s in words["captions"]))
+        print("             closest words: " + ", ".join(f"{w} ({s:.2f})" for w, s in words["words"])
+              + f"; caption cluster {words['cluster'][0]} ({words['cluster'][1]:.2f}, e.g. {words['cluster'][2]!r})")
     if args.save:
         res["masked_image"].save(args.save)
         print(f"masked image written to {args.save}")

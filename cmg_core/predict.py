@@ -99,7 +99,14 @@ class Predictor:
             for scorer, state in states.items():
                 dets[scored_key(method, scorer)] = detector_from_state(scorer, state)
         apply = run.info.get("mask_apply", "pixel")  # as recorded; older runs: pixel
-        return cls(run, cfg, rid.eval(), e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
+        pred = cls(run, cfg, rid.eval(), e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
+        if trunk is not None and (models / "language.npz").is_file():
+            from .language import LanguageExplainer
+
+            pred.language = LanguageExplainer.load(models / "language.npz")
+        return pred
+
+    language = None  # the run's LanguageExplainer (cmg_core.language), when it has one
 
     def _rid_inputs(self, x: torch.Tensor, variants: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) images and (B, M, 3, S, S) variants -> RID inputs (orig (B, F), masked (B, M, F)),
@@ -185,6 +192,9 @@ class Predictor:
         x, variants, probs, choice, scores = self._score(pils)
         per_method = {m: (s, self.detectors[m].percentile(s), self.detectors[m].threshold_)
                       for m, s in scores.items()}
+        words = [None] * len(pils)
+        if self.language is not None:  # in words: nearest normal captions, dictionary words, caption cluster
+            words = self.language.explain(self._rid_inputs(x, variants)[0].float().cpu().numpy())
         return [{
             "variants": [_to_pil(v) for v in variants[i]],
             "rid_probs": probs[i],
@@ -196,6 +206,7 @@ class Predictor:
             "thresholds": {k: v[2] for k, v in per_method.items()},
             "anomalous": {k: bool(v[0][i] > v[2]) for k, v in per_method.items()},
             "threshold_meaning": {k: self.detectors[k].describe_threshold() for k in per_method},
+            "language": words[i],
         } for i in range(len(pils))]
 
     def explain(self, image) -> dict:

@@ -34,6 +34,13 @@ def show_result(run, r: UploadResult, focus: list[str], key: str) -> None:
         if len(probs):
             c4.plotly_chart(plots.probability_bars(probs, k, title="RID probabilities per region"),
                             key=f"{key}_probs")
+        words = res.get("language")
+        if words:
+            st.markdown("**In words** (the image placed in the caption space): nearest normal training captions "
+                        + "; ".join(f"*{c}* ({s:.2f})" for c, s in words["captions"]))
+            k, sim, example = words["cluster"]
+            st.caption("Closest dictionary words: " + ", ".join(f"{w} ({s:.2f})" for w, s in words["words"])
+                       + f". Nearest caption cluster: {k} (similarity {sim:.2f}; e.g. *{example}*).")
         scores = res.get("scores") or {}
         shown = [m for m in focus if m in scores] or list(scores)[:2]
         cols = st.columns(max(len(shown), 1))

@@ -223,3 +223,38 @@ def test_cmda_trains_on_mixed_views(request, fixture):
     if fixture == "e2e_run":
         ssd = run.history().query("stage == 'e2' and method == 'ssd'")
         assert not np.allclose(e2.simclr.values, ssd.simclr.values)  # mixed views, not SSD's
+
+
+def test_language_explainer_by_hand(tmp_path):
+    """Trunk features map linearly onto caption embeddings; an image is explained by the captions, words and cluster
+    nearest to its point in the text space."""
+    from cmg_core.language import LanguageExplainer, build_explainer
+
+    rng = np.random.default_rng(0)
+    text = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])  # (3, T=3): red, green, blue
+    a = rng.normal(size=(8, 3))  # trunk (F=8) -> text (T=3) is x @ a
+    cap_mean = np.repeat(text[:2], 10, axis=0) + 0.01 * rng.normal(size=(20, 3))
+    trunk = cap_mean @ np.linalg.pinv(a)
+    captions = [["a red thing"]] * 10 + [["a green thing"]] * 10
+    exp = build_explainer(trunk, cap_mean, captions, cap_mean[:, None, :], np.repeat([0, 1], 10),
+                          ["red", "green", "blue"], text[:3], alpha=1e-6)
+    assert list(exp.captions) == ["a red thing", "a green thing"]  # unique captions kept
+    new = np.array([1.0, 0.05, 0.0]) @ np.linalg.pinv(a)
+    res = exp.explain(new[None], n=2)[0]
+    assert res["captions"][0][0] == "a red thing" and res["captions"][0][1] > 0.99
+    assert res["words"][0][0] == "red" and res["cluster"][0] == 0 and res["cluster"][2] == "a red thing"
+    exp.save(tmp_path / "language.npz")
+    back = LanguageExplainer.load(tmp_path / "language.npz")
+    assert back.explain(new[None], n=2)[0]["captions"][0][0] == "a red thing"
+
+
+def test_runs_explain_verdicts_in_words(bliss_run):
+    from cmg_core import BLISS
+    from cmg_core.predict import Predictor
+
+    assert (bliss_run.path / "models" / "language.npz").is_file()
+    res = Predictor.load(bliss_run.path).explain(bliss_run.images().path.iloc[0])
+    words = res["language"]
+    assert len(words["captions"]) == 3 and all(-1 <= s <= 1 for _, s in words["captions"])
+    assert len(words["words"]) == 3 and isinstance(words["cluster"][2], str)
+    assert BLISS.load(bliss_run.path).explain(bliss_run.images().path.iloc[0])["language"] == words

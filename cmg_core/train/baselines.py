@@ -46,6 +46,22 @@ def untrained_features(run, spec: MethodSpec, model=None) -> np.ndarray:
     return run.e1.orig.numpy().astype(np.float32)
 
 
+def fit_detectors(run, spec: MethodSpec, h: np.ndarray, scorers: list[str], model=None) -> dict:
+    """{scorer: detector fitted on the normal training rows of h (R, D)}: bliss and she by their own rules,
+    mahalanobis / knn from the `detector` config section."""
+    from ..detector import make_detector
+
+    n, out = run.n_train, {}
+    for s in scorers:
+        if s == "bliss":
+            out[s] = bliss_detector(run, h[:n])
+        elif s == "she":
+            out[s] = she_detector(run, model, h[:n])
+        else:
+            out[s] = make_detector(s, run.cfg.detector, run.cfg.train.seed).fit(h[:n])
+    return out
+
+
 def she_detector(run, model, train_feats: np.ndarray):
     """SHE's stored patterns from the normal training images' features and E2's classifier (its `to_text` head)."""
     from ..she import SHEDetector
@@ -89,3 +105,29 @@ def cmda_pairs(run):
     partners, weights = cmda_partners(sim, run.cfg.cmda.neighbors, run.cfg.cmda.max_mix)
     run.log(f"CMDA: {partners.shape[1]} partners per image, mean weight {weights.mean():.3f}")
     return run.cfg.cmda, partners, weights
+
+
+def write_language_explainer(run) -> None:
+    """models/language.npz (cmg_core.language): what a new image is close to in words. Needs a frozen E1 trunk and
+    the text model (to embed the dictionary); skipped with a log line otherwise."""
+    from ..bliss import load_dictionary
+    from ..encoders import TextEncoder
+    from ..errors import CMGError
+    from ..language import build_explainer
+
+    cfg, n = run.cfg, run.n_train
+    if cfg.e1.encoder != "frozen":
+        return
+    try:
+        words = load_dictionary(cfg.bliss.dictionary)
+        word_emb = TextEncoder(cfg.model.text_model, device=str(run.device)).encode(words)
+        try:
+            labels = run.clusters_and_weights()[0]
+        except CMGError:  # fewer training images than caption clusters
+            labels = np.zeros(n, dtype=int)
+        caps = [list(run.ds[i].captions) for i in run.rows[:n]]
+        exp = build_explainer(run.e1.orig[:n].numpy(), run.caption_mean[:n].numpy(), caps, run.captions[:n].numpy(),
+                              labels, words, word_emb, cfg.bliss.ridge_alpha)
+        exp.save(run.models / "language.npz")
+    except (CMGError, OSError, ImportError) as exc:
+        run.log(f"language explanations skipped: {exc}")

@@ -27,7 +27,7 @@ from .. import distributed as D
 from ..cmle import cmle_weights, fit_caption_clusters
 from ..config import RunConfig, mask_apply, save_config
 from ..data import load_dataset, make_task
-from ..detector import detector_from_state, make_detector
+from ..detector import detector_from_state
 from ..errors import ConfigError
 from ..features import load_images, to_float
 from ..masks import grid_masks
@@ -38,7 +38,8 @@ from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
 from ..methods import MethodSpec, parse_method
-from .baselines import bliss_detector, cmda_pairs, she_detector, untrained_features, untrained_model
+from .baselines import (cmda_pairs, fit_detectors, untrained_features, untrained_model,
+                        write_language_explainer)
 from .objective import build_guidance
 from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, plot_auroc,
                       score_method, write_results)
@@ -318,7 +319,7 @@ class Run:
                 model.load_state_dict(weights)
             h = self.method_features(backend, model, spec)
             dets = {s: detector_from_state(s, states[s]) for s in self.scorers(spec) if s in states}
-            dets.update(self.fit_detectors(spec, h, [s for s in self.scorers(spec) if s not in dets], model))  # added since
+            dets.update(fit_detectors(self, spec, h, [s for s in self.scorers(spec) if s not in dets], model))  # added since
         else:
             model, text_dim = untrained_model(self, spec), 0
             if spec.trained:
@@ -331,7 +332,7 @@ class Run:
             if not self.main:
                 return {}
             h = self.method_features(backend, model, spec)
-            dets = self.fit_detectors(spec, h, self.scorers(spec), model)
+            dets = fit_detectors(self, spec, h, self.scorers(spec), model)
             self.save_model(final, model.state_dict() if model is not None else {},
                             {s: d.state_dict() for s, d in dets.items()}, method=spec.name, text_dim=int(text_dim),
                             uses_er=spec.er)
@@ -344,18 +345,6 @@ class Run:
     def scorers(self, spec: MethodSpec) -> list[str]:
         """The method's own scoring rule (bliss), else every one of `detector.scorers`."""
         return [spec.own_scorer] if spec.own_scorer else list(self.cfg.detector.scorers)
-
-    def fit_detectors(self, spec: MethodSpec, h: np.ndarray, scorers: list[str], model=None) -> dict:
-        n, seed = self.n_train, self.cfg.train.seed
-        out = {}
-        for s in scorers:
-            if s == "bliss":
-                out[s] = bliss_detector(self, h[:n])
-            elif s == "she":
-                out[s] = she_detector(self, model, h[:n])
-            else:
-                out[s] = make_detector(s, self.cfg.detector, seed).fit(h[:n])
-        return out
 
     def method_features(self, backend, model, spec: MethodSpec) -> np.ndarray:
         """(R, D) features the detectors score: E2's, or for raw / bliss the trunk's / E1's (no training)."""
@@ -390,6 +379,7 @@ class Run:
                 if self.main:  # finished methods are on disk even if the process is stopped later
                     write_results(self, results)
             if self.main:
+                timed("language", write_language_explainer, self)
                 finish_run(self, results, t0, skipped)
         except BaseException as exc:
             if self.main and hasattr(self, "w"):
