@@ -1,6 +1,6 @@
 """Language explanations of a verdict: place an image in the caption space and say, in words, what it is close to.
 
-A run with a frozen E1 trunk stores `models/language.npz`: the map of trunk features into the text model's space
+A run with a frozen E1 trunk stores `language.npz`: the map of trunk features into the text model's space
 (the ridge regression BLISS uses, `cmg_core.train.baselines.text_space_map`), the normal training images' captions
 and their embeddings, the GMM caption clusters of CMLE (their mean embeddings and example captions) and the BLISS
 dictionary's embeddings. For an image, `LanguageExplainer.explain` gives

@@ -100,10 +100,10 @@ class Predictor:
                 dets[scored_key(method, scorer)] = detector_from_state(scorer, state)
         apply = run.info.get("mask_apply", "pixel")  # as recorded; older runs: pixel
         pred = cls(run, cfg, rid.eval(), e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
-        if trunk is not None and (models / "language.npz").is_file():
+        if trunk is not None and (run.path / "language.npz").is_file():
             from .language import LanguageExplainer
 
-            pred.language = LanguageExplainer.load(models / "language.npz")
+            pred.language = LanguageExplainer.load(run.path / "language.npz")
         return pred
 
     language = None  # the run's LanguageExplainer (cmg_core.language), when it has one

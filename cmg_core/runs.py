@@ -22,6 +22,8 @@ Layout (all paths relative to the run folder)::
     models/              e1.npz, rid.npz, <method>.npz - final-epoch weights + each scorer's detector (NumPy
                          archives read without pickle: cmg_core.artifacts)
     checkpoints/         per-stage checkpoints for resuming an interrupted run
+    language.npz         the verdicts in words (cmg_core.language): trunk features -> caption space, the normal
+                         training captions, the CMLE caption clusters, the BLISS dictionary (frozen E1 trunk only)
 """
 from __future__ import annotations
 

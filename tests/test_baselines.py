@@ -252,7 +252,7 @@ def test_runs_explain_verdicts_in_words(bliss_run):
     from cmg_core import BLISS
     from cmg_core.predict import Predictor
 
-    assert (bliss_run.path / "models" / "language.npz").is_file()
+    assert (bliss_run.path / "language.npz").is_file()
     res = Predictor.load(bliss_run.path).explain(bliss_run.images().path.iloc[0])
     words = res["language"]
     assert len(words["captions"]) == 3 and all(-1 <= s <= 1 for _, s in words["captions"])

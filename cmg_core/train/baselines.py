@@ -108,7 +108,7 @@ def cmda_pairs(run):
 
 
 def write_language_explainer(run) -> None:
-    """models/language.npz (cmg_core.language): what a new image is close to in words. Needs a frozen E1 trunk and
+    """language.npz in the run folder (cmg_core.language): what a new image is close to in words. Needs a frozen E1 trunk and
     the text model (to embed the dictionary); skipped with a log line otherwise."""
     from ..bliss import load_dictionary
     from ..encoders import TextEncoder
@@ -128,6 +128,6 @@ def write_language_explainer(run) -> None:
         caps = [list(run.ds[i].captions) for i in run.rows[:n]]
         exp = build_explainer(run.e1.orig[:n].numpy(), run.caption_mean[:n].numpy(), caps, run.captions[:n].numpy(),
                               labels, words, word_emb, cfg.bliss.ridge_alpha)
-        exp.save(run.models / "language.npz")
+        exp.save(run.run_dir / "language.npz")
     except (CMGError, OSError, ImportError) as exc:
         run.log(f"language explanations skipped: {exc}")
