@@ -42,8 +42,7 @@ def main(argv=None) -> int:
         exp_dir = run_experiment(cfg, analyses=False, log=lambda msg: print(msg, flush=True))
         summary = pd.read_csv(exp_dir / "summary.csv")  # methods named with their CMLE reading
         specs = [parse_method(m, cfg.cmle.loss) for m in args.methods]  # own rule (bliss, she) or detector.scorers
-        labels = [scored_key(sp.label, s) for sp in specs for s in ([sp.own_scorer] if sp.own_scorer
-                                                                    else cfg.detector.scorers)]
+        labels = [scored_key(sp.label, s) for sp in specs for s in sp.scorers(cfg.detector.scorers)]
         for _, r in summary.iterrows():
             rows.append({args.key: value, "method": scored_key(r["method"], r.get("scorer", "mahalanobis")),
                          "auroc": f"{r['auroc']:.2f} ± {r['auroc_ci95']:.2f}"})

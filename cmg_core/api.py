@@ -53,13 +53,12 @@ class Detector:
     def __init__(self, config: str | Path | None = None, *, method: str | None = None, scorer: str | None = None,
                  run_dir: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                  device: str = "cpu", **sections: dict):
-        from .methods import SCORERS, primary_scorer
+        from .methods import SCORERS, parse_method, primary_scorer
 
         self.config = config
         self.method = method or type(self).method
         self.scorer = scorer or type(self).scorer or primary_scorer(self.method)
-        allowed = dict.fromkeys((primary_scorer(self.method), *SCORERS)) if self.method.split("[")[0] not in (
-            "bliss", "she") else [primary_scorer(self.method)]
+        allowed = parse_method(self.method).scorers(SCORERS)
         if self.scorer not in allowed:
             raise ConfigError(f"{type(self).__name__}(scorer={self.scorer!r}): expected one of {list(allowed)}")
         self.run_dir = run_dir

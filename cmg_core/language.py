@@ -77,15 +77,12 @@ class LanguageExplainer:
             return cls(**{k: z[k] for k in z.files})
 
 
-def build_explainer(trunk_train: np.ndarray, caption_mean: np.ndarray, captions: list[list[str]],
-                    caption_emb: np.ndarray, cluster_labels: np.ndarray, words: list[str], word_emb: np.ndarray,
-                    alpha: float = 1.0) -> LanguageExplainer:
-    """From the normal training images: trunk features (N, F), mean caption embeddings (N, T), their captions (N
-    lists) with embeddings (N, C, T) (unique captions are kept), GMM caption-cluster labels (N,), and the dictionary
-    words (J,) with embeddings (J, T)."""
-    from sklearn.linear_model import Ridge
-
-    ridge = Ridge(alpha=alpha).fit(np.asarray(trunk_train, dtype=np.float64), np.asarray(caption_mean, np.float64))
+def build_explainer(weight: np.ndarray, bias: np.ndarray, caption_mean: np.ndarray, captions: list[list[str]],
+                    caption_emb: np.ndarray, cluster_labels: np.ndarray, words: list[str],
+                    word_emb: np.ndarray) -> LanguageExplainer:
+    """From the map of trunk features into the text space (weight (T, F), bias (T,); `text_space_map`) and the normal
+    training images: mean caption embeddings (N, T), their captions (N lists) with embeddings (N, C, T) (unique
+    captions are kept), GMM caption-cluster labels (N,), and the dictionary words (J,) with embeddings (J, T)."""
     texts, embs = {}, []
     for i, caps in enumerate(captions):
         for j, c in enumerate(caps):
@@ -100,7 +97,7 @@ def build_explainer(trunk_train: np.ndarray, caption_mean: np.ndarray, captions:
         members = np.flatnonzero(labels == k)
         d = ((np.asarray(caption_mean)[members] - means[list(ks).index(k)]) ** 2).sum(1)
         examples.append(captions[members[int(np.argmin(d))]][0])
-    return LanguageExplainer(ridge.coef_.astype(np.float32), ridge.intercept_.astype(np.float32),
+    return LanguageExplainer(np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32),
                              np.asarray(list(texts), dtype=str), np.stack(embs).astype(np.float32),
                              means.astype(np.float32), np.asarray(examples, dtype=str), np.asarray(words, dtype=str),
                              np.asarray(word_emb, dtype=np.float32))

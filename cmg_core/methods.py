@@ -46,6 +46,10 @@ class MethodSpec:
         """The method's own scoring rule (`bliss`, `she`), used instead of `detector.scorers`; None for the others."""
         return OWN_SCORER.get(self.base)
 
+    def scorers(self, configured) -> list[str]:
+        """The scores a run gives this method: its own rule only, else each of `configured` (detector.scorers)."""
+        return [self.own_scorer] if self.own_scorer else list(configured)
+
     @property
     def label(self) -> str:
         """Name for tables: LE methods always show their reading, e.g. `cmg[supcon]`."""

@@ -135,7 +135,7 @@ class Predictor:
     @torch.no_grad()
     def _score(self, pils: list, methods: list[str] | None = None):
         """RGB PIL images -> (x (B, 3, S, S), variants (B, M, 3, S, S), RID probabilities (B, M), choice (B,),
-        {method: scores (B,)})."""
+        {method: scores (B,)}, RID's input features of the unmasked images (B, F))."""
         x = to_float(images_to_tensor(pils, self.image_size))  # (B, 3, S, S)
         variants = masked_variants(x, self.n_regions, self.mask, self.soft_value)  # (B, M, 3, S, S)
         orig, masked = self._rid_inputs(x, variants)
@@ -145,7 +145,7 @@ class Predictor:
         feats = {m: self._detector_features(m, x, variants, choice, orig, masked)
                  for m in dict.fromkeys(split_key(k)[0] for k in keys)}  # once per method, for every scorer
         scores = {k: self.detectors[k].score(feats[split_key(k)[0]]) for k in keys}
-        return x, variants, probs, choice, scores
+        return x, variants, probs, choice, scores, orig
 
     def score_table(self, images: list, batch_size: int = 64, methods: list[str] | None = None,
                     progress=None) -> pd.DataFrame:
@@ -170,7 +170,7 @@ class Predictor:
                 except (DataError, OSError) as exc:  # one unreadable file must not stop the batch
                     rows[i]["error"] = str(exc)
             if pils:
-                _, _, _, choice, scores = self._score(pils, methods)
+                _, _, _, choice, scores, _ = self._score(pils, methods)
                 for j, i in enumerate(ok):
                     rows[i]["rid_choice"] = int(choice[j])
                     for m in methods:
@@ -189,12 +189,12 @@ class Predictor:
     def explain_many(self, images: list) -> list[dict]:
         """PIL images, paths or file objects -> one result dict per image (see `explain`)."""
         pils = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
-        x, variants, probs, choice, scores = self._score(pils)
+        x, variants, probs, choice, scores, orig = self._score(pils)
         per_method = {m: (s, self.detectors[m].percentile(s), self.detectors[m].threshold_)
                       for m, s in scores.items()}
         words = [None] * len(pils)
         if self.language is not None:  # in words: nearest normal captions, dictionary words, caption cluster
-            words = self.language.explain(self._rid_inputs(x, variants)[0].float().cpu().numpy())
+            words = self.language.explain(orig.float().cpu().numpy())
         return [{
             "variants": [_to_pil(v) for v in variants[i]],
             "rid_probs": probs[i],

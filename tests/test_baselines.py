@@ -237,8 +237,11 @@ def test_language_explainer_by_hand(tmp_path):
     cap_mean = np.repeat(text[:2], 10, axis=0) + 0.01 * rng.normal(size=(20, 3))
     trunk = cap_mean @ np.linalg.pinv(a)
     captions = [["a red thing"]] * 10 + [["a green thing"]] * 10
-    exp = build_explainer(trunk, cap_mean, captions, cap_mean[:, None, :], np.repeat([0, 1], 10),
-                          ["red", "green", "blue"], text[:3], alpha=1e-6)
+    from cmg_core.train.baselines import text_space_map
+
+    lin = text_space_map(trunk, cap_mean, alpha=1e-6)
+    exp = build_explainer(lin.weight.detach().numpy(), lin.bias.detach().numpy(), cap_mean, captions,
+                          cap_mean[:, None, :], np.repeat([0, 1], 10), ["red", "green", "blue"], text[:3])
     assert list(exp.captions) == ["a red thing", "a green thing"]  # unique captions kept
     new = np.array([1.0, 0.05, 0.0]) @ np.linalg.pinv(a)
     res = exp.explain(new[None], n=2)[0]

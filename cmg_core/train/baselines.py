@@ -126,8 +126,10 @@ def write_language_explainer(run) -> None:
         except CMGError:  # fewer training images than caption clusters
             labels = np.zeros(n, dtype=int)
         caps = [list(run.ds[i].captions) for i in run.rows[:n]]
-        exp = build_explainer(run.e1.orig[:n].numpy(), run.caption_mean[:n].numpy(), caps, run.captions[:n].numpy(),
-                              labels, words, word_emb, cfg.bliss.ridge_alpha)
+        lin = text_space_map(run.e1.orig[:n].numpy().astype(np.float64),
+                             run.caption_mean[:n].numpy().astype(np.float64), cfg.bliss.ridge_alpha)
+        exp = build_explainer(lin.weight.detach().numpy(), lin.bias.detach().numpy(), run.caption_mean[:n].numpy(),
+                              caps, run.captions[:n].numpy(), labels, words, word_emb)
         exp.save(run.run_dir / "language.npz")
     except (CMGError, OSError, ImportError) as exc:
         run.log(f"language explanations skipped: {exc}")

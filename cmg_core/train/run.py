@@ -344,7 +344,7 @@ class Run:
 
     def scorers(self, spec: MethodSpec) -> list[str]:
         """The method's own scoring rule (bliss), else every one of `detector.scorers`."""
-        return [spec.own_scorer] if spec.own_scorer else list(self.cfg.detector.scorers)
+        return spec.scorers(self.cfg.detector.scorers)
 
     def method_features(self, backend, model, spec: MethodSpec) -> np.ndarray:
         """(R, D) features the detectors score: E2's, or for raw / bliss the trunk's / E1's (no training)."""
