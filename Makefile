@@ -29,6 +29,7 @@ demo: $(STAMP)
 gpu-pack: $(STAMP)
 	$(BIN)/cmg data pack ucm_captions --root ../shared/data/ucm_captions --size 32 \
 		--out packed/ucm_captions_32.npz --trunk-config configs/ucm_captions_paper.yaml
+	$(BIN)/python bench/gpu_text_cache.py --packed packed/ucm_captions_32.npz --out packed/text_cache
 
 clean-venv:
 	rm -rf $(VENV)

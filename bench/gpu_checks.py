@@ -63,11 +63,14 @@ def check_run(packed: str, out: Path, device: str, extra: list[str]) -> str:
     """Every method of the paper config trains on the device and scores finite values."""
     import numpy as np
 
+    from cmg_core.methods import parse_method, scored_key
+
     run = _train(packed, out, "frozen_e1", device, extra)
     assert run.status == "done", run.info.get("error")
     assert run.info["device"].startswith(device), run.info["device"]
     metrics = run.metrics()
-    keys = {f"{m}{s}" for m in run.methods for s in ("", "@knn")}  # each method's Mahalanobis and k-NN scores
+    scorers = run.config().detector.scorers  # each method's Mahalanobis and k-NN scores, or its own rule (bliss, she)
+    keys = {scored_key(m, s) for m in run.methods for s in parse_method(m).scorers(scorers)}
     assert set(metrics) == keys, (sorted(metrics), run.methods)
     for m in keys:
         assert np.isfinite(run.scores()[f"score_{m}"].values).all(), m

@@ -6,7 +6,9 @@
 # PACKED (default packed/ucm_captions_32.npz) comes from
 #   .venv/bin/cmg data pack ucm_captions --root ../shared/data/ucm_captions --size 32 \
 #       --out packed/ucm_captions_32.npz --trunk-config configs/ucm_captions_paper.yaml
-# (images, caption embeddings and frozen-trunk features: the GPU machine needs no model weights or text model).
+# (images, caption embeddings and frozen-trunk features: the GPU machine needs no model weights or text model),
+# and <folder of PACKED>/text_cache from bench/gpu_text_cache.py (BLISS's prompts and dictionary, embedded here;
+# used as CMG_CACHE_DIR when present). `make gpu-pack` makes both.
 # Writes OUTDIR/env.txt, OUTDIR/checks.log, OUTDIR/results.md|csv, OUTDIR/logs/, OUTDIR/runs/.
 # Device call (about 7 minutes in all): run(command="bash bench/gpu_paper.sh $OUT packed/ucm_captions_32.npz",
 # carry=["packed"], timeout_s=480).
@@ -18,6 +20,10 @@ shift $(( $# >= 2 ? 2 : 1 ))
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 mkdir -p "$OUT"
+TEXT_CACHE="$(dirname "$PACKED")/text_cache"
+if [ -f "$TEXT_CACHE/text_embeddings.sqlite" ] && [ -z "${CMG_CACHE_DIR:-}" ]; then
+  export CMG_CACHE_DIR="$TEXT_CACHE"
+fi
 DEVICE=cuda
 case " $* " in *" --smoke "*) DEVICE=cpu ;; esac
 {
