@@ -167,6 +167,21 @@ def test_frozen_e1_run_and_its_predictor(frozen_e1_run):
         assert np.allclose([r["scores"][m] for r in res], stored, rtol=1e-3, atol=1e-3)
 
 
+def test_scored_features_are_fp32_under_autocast(tmp_path, monkeypatch):
+    """On CUDA the training passes run under bf16 autocast; the features that are scored (E1's CMER pass, E2's
+    embed) are fp32, so the Predictor (fp32, any device) reproduces the run's scores. Autocast forced on the CPU."""
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(TrainRun, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    cfg = load_config("configs/synthetic_end2end.yaml",
+                      [f"out_dir={tmp_path}", "name=amp", *TINY, *E2E_E1, "model.backbone=cnn", "model.width=4",
+                       "e1.epochs=1", "e2.epochs=1", "train.methods=[ssd+er]", "train.eval_every_epoch=false"])
+    run = Run.open(train_run(cfg))
+    res = Predictor.load(run.path).explain_many(list(run.images().path[:4]))
+    assert [r["rid_choice"] for r in res] == run.cmer().rid_choice.values[:4].tolist()
+    stored = run.scores()["score_ssd+er"].values[:4]
+    assert np.allclose([r["scores"]["ssd+er"] for r in res], stored, rtol=1e-4, atol=1e-4)
+
+
 def test_every_method_sees_the_same_batches_and_views(tmp_path, monkeypatch):
     """NT-Xent's batches, negatives and views do not depend on the method: L_global adds clean images to the
     forward pass but changes neither which images form a batch nor how often an image is drawn."""

@@ -2,8 +2,10 @@
 a CPU).
 
 Every image of the task is held once as uint8 (R, 3, S, S) on the device (`Run.images`); SimCLR views are drawn
-per image and made for whole batches on the device (`nets.batch_simclr_augment`). On CUDA the forward passes
-run under bf16 autocast with channels_last tensors (`train.amp`).
+per image and made for whole batches on the device (`nets.batch_simclr_augment`). On CUDA the training passes
+run under bf16 autocast with channels_last tensors (`train.amp`); the features that are scored (E2's `embed`,
+E1's CMER pass) are computed in fp32, so a run's scores and thresholds do not depend on the device's precision
+and the Predictor reproduces them on a CPU or a GPU.
 
 * `End2EndE1` (`e1.encoder: end2end`): backbone + ImageHead trained with Eq.1 on augmented images; CMER scores
   the original and all M masked variants in one pass; RID reads E1's backbone features.
@@ -142,9 +144,9 @@ class End2EndE1:
             idx = torch.arange(s, min(s + bs, r))
             x = run.batch(idx)
             variants = apply_masks(x, run.masks)  # (b, M, 3, S, S)
-            with run.autocast():
-                feats, emb = model.image(torch.cat([x, variants.flatten(0, 1)]))
-                txt = model.text(run.captions[idx].to(run.device))  # (b, C, D)
+            # fp32, no autocast: RID learns from these features and the Predictor recomputes them on any device
+            feats, emb = model.image(torch.cat([x, variants.flatten(0, 1)]))
+            txt = model.text(run.captions[idx].to(run.device))  # (b, C, D)
             b = len(idx)
             feats, emb, txt = feats.float(), emb.float(), txt.float()
             sims = matching_score(emb[b:].view(b, m, 1, -1), txt.unsqueeze(1))  # (b, M, C)
@@ -177,8 +179,7 @@ class End2EndE2:
         out = []
         for s in range(0, len(rows), batch_size):
             x = run.batch(torch.as_tensor(rows[s : s + batch_size]), masks)
-            with run.autocast():
-                h, z = enc(x)
+            h, z = enc(x)  # fp32, no autocast: the detector's features do not depend on the device's precision
             out.append((z if run.cfg.detector.features == "projection" else h).float().cpu())
         return torch.cat(out).numpy()
 
