@@ -275,6 +275,23 @@ def test_ablation_with_and_without_analysis():
     assert "train both `cmg` and `cmg-mse`" in t
 
 
+def test_ablation_plots_the_other_systems(tmp_path, monkeypatch):
+    """cmda, she and bliss (issue 12) are methods like any other on the ablation page: picked by default in the
+    ROC picker, one curve each, a row each in the run's metrics table."""
+    methods = ("raw", "ssd", "cmda", "she", "bliss", "cmg")
+    fx.make_fake_run(tmp_path, "baselines", methods=methods, with_analysis=False)
+    monkeypatch.setenv("CMG_RUNS_DIR", str(tmp_path))
+    at = open_page("ablation", run="baselines")
+    assert_clean(at)
+    picker = at.multiselect(key="ab_methods")
+    assert list(picker.options) == list(methods) and set(picker.value) == set(methods)
+    roc = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = [t["name"].split(" (AUROC")[0] for t in roc["data"] if t["name"] != "chance"]
+    assert names == list(methods)
+    table = at.dataframe[0].value
+    assert {"cmda", "she", "bliss"} <= set(map(str, table.index))
+
+
 # --- uploads ----------------------------------------------------------------------------------------------
 
 def test_process_uploads_every_kind():
