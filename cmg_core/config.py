@@ -148,6 +148,8 @@ class BlissConfig:
     prompt: str = "This is a photo of a {label}"  # one prompt per normal class name
     dictionary: Optional[str] = None  # a word list, one entry per line; null = the shipped list (ImageNet-1k names)
     ridge_alpha: float = 1.0  # images -> text model space: ridge from trunk features to mean captions (dev seeds)
+    clip_model: Optional[str] = None  # a CLIP instead (open_clip): architecture name or model-config JSON file
+    clip_weights: Optional[str] = None  # its checkpoint file (or, online, an open_clip pretrained tag)
 
 
 @dataclass(frozen=True)
@@ -261,8 +263,13 @@ def validate(cfg: RunConfig) -> None:
                           "scorers from [mahalanobis, knn]")
     if cfg.detector.knn_k < 1:
         raise ConfigError(f"detector.knn_k={cfg.detector.knn_k}; expected >= 1 (neighbours averaged)")
+    if bool(cfg.bliss.clip_model) != bool(cfg.bliss.clip_weights):
+        raise ConfigError(f"bliss.clip_model={cfg.bliss.clip_model!r}, bliss.clip_weights={cfg.bliss.clip_weights!r}: "
+                          "a CLIP for BLISS needs both (architecture and weights), or neither")
     for base, what in (("raw", "scores the frozen trunk's features"), ("bliss", "maps the frozen trunk's features"),
                        ("cmda", "picks mixing partners with E1 on the frozen trunk")):
+        if base == "bliss" and cfg.bliss.clip_model:
+            continue  # a CLIP embeds the images itself
         if any(parse_method(m).base == base for m in cfg.train.methods) and cfg.e1.encoder != "frozen":
             raise ConfigError(f"method {base} {what}; it needs e1.encoder: frozen")
     if any(parse_method(m).base == "she" for m in cfg.train.methods) and cfg.detector.features != "backbone":

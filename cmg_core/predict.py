@@ -83,7 +83,11 @@ class Predictor:
         for method in run.methods:
             weights, states, meta = load_model(model_path(models, method_slug(method)))
             e2[method] = None  # raw: the trunk's features, no network
-            if parse_method(method).base == "bliss":  # the map of trunk features into the text model's space
+            if parse_method(method).base == "bliss" and cfg.bliss.clip_model:  # CLIP embeds the images
+                from .encoders.clip import clip_encoder
+
+                e2[method] = clip_encoder(cfg.bliss, str(dev))
+            elif parse_method(method).base == "bliss":  # the map of trunk features into the text model's space
                 lin = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
                 lin.load_state_dict({k: v.float() for k, v in weights.items()})
                 e2[method] = lin.to(dev).eval()
@@ -120,6 +124,8 @@ class Predictor:
         return feats[:b], feats[b:].view(b, m, -1)
 
     def _detector_features(self, method: str, x, variants, choice: np.ndarray, orig, masked) -> np.ndarray:
+        if self.specs[method].base == "bliss" and hasattr(self.e2[method], "encode_images"):  # CLIP
+            return self.e2[method].encode_images(x)
         if self.specs[method].base == "bliss":
             return self.e2[method](orig.float().to(self.device)).cpu().numpy()
         if not self.specs[method].trained:

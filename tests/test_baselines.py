@@ -156,6 +156,56 @@ def test_bliss_through_the_python_api(bliss_run):
         BLISS(scorer="knn")
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny randomly initialised CLIP (open_clip model config + checkpoint file), standing in for local weights."""
+    import json
+
+    import torch
+
+    open_clip = pytest.importorskip("open_clip")
+    d = tmp_path_factory.mktemp("clip")
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "tiny-clip.json").write_text(json.dumps(arch))
+    open_clip.add_model_config(d / "tiny-clip.json")
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), d / "tiny-clip.pt")
+    return d / "tiny-clip.json", d / "tiny-clip.pt"
+
+
+def test_bliss_with_a_local_clip(tiny_clip, tmp_path):
+    """With `bliss.clip_model` / `bliss.clip_weights`, BLISS embeds images and prompts with that CLIP (open_clip,
+    local weights): the run stores no CLIP weights, and the Predictor reproduces its scores from the run folder."""
+    from cmg_core.artifacts import load_model, model_path
+    from cmg_core.config import load_config
+    from cmg_core.encoders.clip import CLIPEncoder
+    from cmg_core.predict import Predictor
+    from cmg_core.runs import Run
+    from cmg_core.train import train_run
+
+    arch, weights = tiny_clip
+    sets = [f"out_dir={tmp_path}", "name=c", "data.options={n_per_class: 8, classes: 4}",
+            "task.normal_classes=[circle, square]", "e1.epochs=2", "cmer.rid_epochs=2", "train.methods=[bliss]",
+            f"bliss.clip_model={arch}", f"bliss.clip_weights={weights}"]
+    run = Run.open(train_run(load_config("configs/synthetic.yaml", sets)))
+    pred = Predictor.load(run.path)
+    det = pred.detectors["bliss"]
+    clip = CLIPEncoder(str(arch), str(weights), device="cpu")
+    assert det.text.shape == (2 + 999, 16)  # CLIP's joint space, not the text model's
+    np.testing.assert_allclose(det.text[:2], clip.encode_texts(["This is a photo of a circle",
+                                                                "This is a photo of a square"]), atol=1e-5)
+    assert load_model(model_path(run.path / "models", "bliss"))[0] == {}
+    paths = list(run.images().path[:4])
+    np.testing.assert_allclose(pred.score(paths, "bliss"), run.scores()["score_bliss"].values[:4], rtol=1e-4,
+                               atol=1e-4)
+    with pytest.raises(ConfigError, match="needs both"):
+        load_config("configs/synthetic.yaml", [f"bliss.clip_model={arch}"])
+    with pytest.raises(ConfigError, match="clip_weights"):
+        CLIPEncoder(str(arch), str(tmp_path / "missing.pt"))
+
+
 def test_cmda_partners_and_mixing_by_hand():
     import torch
 

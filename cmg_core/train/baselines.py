@@ -27,6 +27,11 @@ def untrained_model(run, spec: MethodSpec, weights: dict | None = None):
     model's space (fitted here, or loaded from `weights`), none for raw."""
     if spec.base != "bliss":
         return None
+    from ..encoders.clip import clip_encoder
+
+    clip = clip_encoder(run.cfg.bliss, str(run.device))
+    if clip is not None:  # images and texts in CLIP's space; its weights stay outside the run folder
+        return clip
     n = run.n_train
     feats = run.e1.orig.float().numpy()
     if weights:
@@ -41,6 +46,10 @@ def untrained_model(run, spec: MethodSpec, weights: dict | None = None):
 def untrained_features(run, spec: MethodSpec, model=None) -> np.ndarray:
     """(R, D) features of every row: the images in the text model's space (bliss, `model` the map) or the trunk's
     features (raw)."""
+    if spec.base == "bliss" and hasattr(model, "encode_images"):  # CLIP: the images of every row
+        from ..features import load_images, to_float
+
+        return model.encode_images(to_float(load_images(run.ds, run.rows, run.cfg.data.image_size)))
     if spec.base == "bliss":
         return model(run.e1.orig.float()).numpy().astype(np.float32)
     return run.e1.orig.numpy().astype(np.float32)
@@ -54,7 +63,7 @@ def fit_detectors(run, spec: MethodSpec, h: np.ndarray, scorers: list[str], mode
     n, out = run.n_train, {}
     for s in scorers:
         if s == "bliss":
-            out[s] = bliss_detector(run, h[:n])
+            out[s] = bliss_detector(run, h[:n], model)
         elif s == "she":
             out[s] = she_detector(run, model, h[:n])
         else:
@@ -73,9 +82,9 @@ def she_detector(run, model, train_feats: np.ndarray):
     return det.fit(train_feats, run.class_labels[:n])
 
 
-def bliss_detector(run, train_feats: np.ndarray):
+def bliss_detector(run, train_feats: np.ndarray, model=None):
     """BLISS fitted on the normal training images in the text model's space: prompts of the task's normal class
-    names and the dictionary, embedded by the text model."""
+    names and the dictionary, embedded by the text model (or by the CLIP `model` that embedded the images)."""
     from ..bliss import BLISSDetector, class_prompts, load_dictionary
     from ..encoders import TextEncoder
 
@@ -83,7 +92,10 @@ def bliss_detector(run, train_feats: np.ndarray):
     names = [run.ds.class_names[c] for c in run.task.normal_classes]
     words = load_dictionary(cfg.bliss.dictionary)
     texts = class_prompts(names, cfg.bliss.prompt) + words
-    emb = TextEncoder(cfg.model.text_model, device=str(run.device)).encode(texts)  # (C + J, T)
+    if hasattr(model, "encode_texts"):  # CLIP
+        emb = model.encode_texts(texts)  # (C + J, D)
+    else:
+        emb = TextEncoder(cfg.model.text_model, device=str(run.device)).encode(texts)  # (C + J, T)
     d = cfg.detector
     det = BLISSDetector(emb, len(names), cfg.bliss.k, cfg.bliss.weight, seed=cfg.train.seed, fpr=d.fpr,
                         calibration_folds=d.calibration_folds, entries=texts)
