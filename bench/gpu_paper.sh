@@ -9,15 +9,18 @@
 # (images, caption embeddings and frozen-trunk features: the GPU machine needs no model weights or text model),
 # and <folder of PACKED>/text_cache from bench/gpu_text_cache.py (BLISS's prompts and dictionary, embedded here;
 # used as CMG_CACHE_DIR when present). `make gpu-pack` makes both.
-# Writes OUTDIR/env.txt, OUTDIR/checks.log, OUTDIR/results.md|csv, OUTDIR/logs/, OUTDIR/runs/.
-# Device call (about 7 minutes in all): run(command="bash bench/gpu_paper.sh $OUT packed/ucm_captions_32.npz",
-# carry=["packed"], timeout_s=480).
+# Writes OUTDIR/env.txt, OUTDIR/checks.log, OUTDIR/results.md|csv, OUTDIR/logs/, OUTDIR/runs/ and
+# OUTDIR/runs_slim.tgz (logs, metrics, scores and histories of the runs, without models: a few MB).
+# Device call as made on an H200 on 2026-11-27 (ResNet-18, every method, 5 tasks: 242 s of protocol, about
+# 6 minutes with the start; the device tool returns at most 8 files, so the folders are dropped there):
+#   run(command="bash bench/gpu_paper.sh $OUT packed/ucm_captions_32.npz --backbones resnet18 --budget-s 330;
+#       rm -rf $OUT/runs $OUT/logs $OUT/checks", carry=["packed"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_paper.sh OUTDIR [PACKED] [options]}
 PACKED=${2:-packed/ucm_captions_32.npz}
 shift $(( $# >= 2 ? 2 : 1 ))
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU machine has python3 only
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 mkdir -p "$OUT"
 TEXT_CACHE="$(dirname "$PACKED")/text_cache"
@@ -37,3 +40,8 @@ timeout 120 "$PY" bench/gpu_checks.py --packed "$PACKED" --device "$DEVICE" --ou
   2>&1 | tee "$OUT/checks.log" | grep -E "^(PASS|FAIL)|passed"
 # (b)-(d) the 5-task protocol, every method, both readings; stops cleanly at the budget
 "$PY" bench/gpu_paper.py --packed "$PACKED" --out "$OUT" "$@"
+status=$?
+# the runs without their models, small enough to bring back from a lent machine
+( cd "$OUT" && [ -d runs ] && tar czf runs_slim.tgz --exclude=checkpoints --exclude=models --exclude=embeddings \
+    --exclude='*.npz' --exclude='*.pt' runs logs )
+exit $status

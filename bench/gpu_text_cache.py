@@ -37,10 +37,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="cache folder (becomes CMG_CACHE_DIR on the GPU machine)")
     args = ap.parse_args(argv)
     model, texts = texts_for(args.packed, args.config)
-    os.environ["CMG_CACHE_DIR"] = str(Path(args.out).resolve())  # TextEncoder's cache lives there
     from cmg_core.encoders import TextEncoder
 
-    emb = TextEncoder(model, device="cpu").encode(texts)
+    before = os.environ.get("CMG_CACHE_DIR")
+    os.environ["CMG_CACHE_DIR"] = str(Path(args.out).resolve())  # TextEncoder's cache lives there
+    try:
+        emb = TextEncoder(model, device="cpu").encode(texts)
+    finally:
+        if before is None:
+            os.environ.pop("CMG_CACHE_DIR", None)
+        else:
+            os.environ["CMG_CACHE_DIR"] = before
     print(f"{len(texts)} texts ({model}, dim {emb.shape[1]}) cached in {Path(args.out) / 'text_embeddings.sqlite'}")
     return 0
 

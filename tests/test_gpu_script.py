@@ -49,9 +49,31 @@ def test_gpu_script_smoke(tiny_pack, tmp_path):
     assert "4 passed, 0 failed" in checks, checks[-3000:]
     per_task = pd.read_csv(out / "results.csv")
     assert set(per_task.seed) == {0, 1} and set(per_task.backbone) == {"cnn"}
-    assert {"ssd", "ssd+le[lle]", "ssd+le[supcon]", "cmg[lle]", "cmg[supcon]", "cmg-mse"} <= set(per_task.method)
+    assert {"raw", "ssd", "cmda", "she", "bliss", "ssd+le[lle]", "ssd+le[supcon]", "cmg[lle]", "cmg[supcon]",
+            "cmg-mse"} <= set(per_task.method)
     md = (out / "results.md").read_text()
     assert "## cnn" in md and "cmg[supcon]" in md and "Machine:" in md
+    import tarfile
+
+    with tarfile.open(out / "runs_slim.tgz") as tar:  # what comes back from a lent machine: no models
+        names = tar.getnames()
+    assert "runs/cnn_seed0/metrics.json" in names and not any("/models" in n or n.endswith(".pt") for n in names)
+
+
+def test_text_cache_spares_the_gpu_machine_the_text_model(tiny_pack, tmp_path, monkeypatch):
+    """bench/gpu_text_cache.py embeds BLISS's prompts of every class and its dictionary here; with CMG_CACHE_DIR
+    at that folder the text encoder answers them without loading its model (the GPU machine has none)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_text_cache import main as text_cache, texts_for
+
+    from cmg_core.encoders import TextEncoder
+
+    assert text_cache(["--packed", str(tiny_pack), "--out", str(tmp_path / "tc")]) == 0
+    model, texts = texts_for(tiny_pack, REPO / "configs" / "ucm_captions_paper.yaml")
+    assert texts[0].startswith("This is a photo of a") and len(texts) == 4 + 999
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "tc"))
+    enc = TextEncoder(model, device="cpu")
+    assert enc.encode(texts).shape == (len(texts), 384) and enc._model is None  # every text from the cache
 
 
 def test_gpu_script_stops_at_its_budget(tiny_pack, tmp_path):
