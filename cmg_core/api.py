@@ -222,7 +222,9 @@ class RawKNN(Detector):
 
 class BLISS(Detector):
     """BLISS (Goodge et al.): zero-shot scores from image-text similarities to the normal class names' prompts and a
-    dictionary, bias-corrected with the normal training images (config section `bliss`). No E2."""
+    dictionary, bias-corrected with the normal training images (config section `bliss`). No E2. The similarities
+    are E1's (images mapped into the text model's space) or, with `bliss.clip_model` and `bliss.clip_weights`
+    set, a CLIP's through open_clip."""
 
     method = "bliss"
 
