@@ -36,7 +36,7 @@ def test_pyproject_declares_every_import():
     core = {_name(r) for r in project["dependencies"]}
     extras = {k: {_name(r) for r in v} for k, v in project["optional-dependencies"].items()}
     missing = []
-    for folder, allowed in (("cmg_core", core | extras["analysis"]), ("app", core | extras["app"]),
+    for folder, allowed in (("cmg_core", core | extras["analysis"] | extras["clip"]), ("app", core | extras["app"]),
                             ("pages", core | extras["app"])):
         for module, dists in _distributions(_imports(folder)).items():
             if not dists:
