@@ -63,13 +63,13 @@ class LanguageExplainer:
         return out
 
     def save(self, path: Path) -> None:
-        """A NumPy archive (float16 embeddings; read without pickle)."""
+        """A compressed NumPy archive (float16 embeddings; read without pickle)."""
         arrays = {k: (v.astype(np.float16) if v.dtype.kind == "f" and k.endswith("emb") else v)
                   for k, v in self.__dict__.items()}
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         with atomic_path(Path(path)) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez_compressed(f, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "LanguageExplainer":

@@ -108,6 +108,20 @@ def cache_dir(sub: str = "") -> Path:
     return path
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process's umask (read from /proc where possible, since
+    os.umask can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `target`; it replaces `target` only if the block succeeds.
@@ -121,6 +135,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _new_file_mode())  # mkstemp's 0600 would hide run folders from a colleague or the app
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

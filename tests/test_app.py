@@ -571,3 +571,4 @@ def test_demo_run_every_page_and_real_predictor(tmp_path, monkeypatch):
     assert "1 of 2 file(s) scored" in texts(at)
     assert {"CMG score", "SSD score"} <= {m.label for m in at.metric}
     assert ["empty.png is empty" in e.value for e in at.error] == [True]
+    assert "**In words**" in texts(at) and "Closest dictionary words" in texts(at)  # the demo's language.npz

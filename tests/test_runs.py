@@ -66,3 +66,26 @@ def test_cmg_predict_scores_a_folder_in_batches(tmp_path, monkeypatch, capsys):
         assert float(row.score_cmg) == pytest.approx(res["scores"]["cmg"], rel=1e-4)
         assert int(row.anomalous_cmg) == int(res["anomalous"]["cmg"])
     assert main(["predict", str(tmp_path / "nothing"), "--run", str(DEMO), "--out", str(out)]) == 2
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    """Files are written through a temporary file (atomic replace) but end with the mode open() would give them
+    (0o666 less the umask), not mkstemp's 0600: a colleague or an app run by another user can read a run folder."""
+    import os
+
+    from cmg_core.runs import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "run" / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_demo_run_explains_in_words():
+    """The shipped demo has its language explainer, so the Upload page shows words on a fresh machine."""
+    from cmg_core.language import LanguageExplainer
+
+    exp = LanguageExplainer.load(DEMO / "language.npz")
+    assert exp.weight.shape[0] == exp.caption_emb.shape[1] == exp.word_emb.shape[1] and len(exp.words) == 999
