@@ -22,6 +22,25 @@ def text_space_map(trunk_feats: np.ndarray, caption_mean: np.ndarray, alpha: flo
     return lin.eval()
 
 
+def run_text_space_map(run) -> torch.nn.Linear:
+    """`text_space_map` of the run's normal training images, fitted once per run (bliss's model, language.npz)."""
+    if getattr(run, "_text_space_map", None) is None:
+        n = run.n_train
+        run._text_space_map = text_space_map(run.e1.orig[:n].float().numpy().astype(np.float64),
+                                             run.caption_mean[:n].numpy().astype(np.float64),
+                                             run.cfg.bliss.ridge_alpha)
+    return run._text_space_map
+
+
+def run_text_encoder(run):
+    """The run's text encoder, made once: its model loads on first use only (bliss's prompts, language.npz)."""
+    from ..encoders import TextEncoder
+
+    if getattr(run, "_text_encoder", None) is None:
+        run._text_encoder = TextEncoder(run.cfg.model.text_model, device=str(run.device))
+    return run._text_encoder
+
+
 def untrained_model(run, spec: MethodSpec, weights: dict | None = None):
     """The network a method without E2 stores in its model file: bliss's map of trunk features into the text
     model's space (fitted here, or loaded from `weights`), none for raw."""
@@ -32,14 +51,11 @@ def untrained_model(run, spec: MethodSpec, weights: dict | None = None):
     clip = clip_encoder(run.cfg.bliss, str(run.device))
     if clip is not None:  # images and texts in CLIP's space; its weights stay outside the run folder
         return clip
-    n = run.n_train
-    feats = run.e1.orig.float().numpy()
     if weights:
-        lin = torch.nn.Linear(feats.shape[1], run.caption_mean.shape[1])
+        lin = torch.nn.Linear(run.e1.orig.shape[1], run.caption_mean.shape[1])
         lin.load_state_dict(weights)
         return lin.eval()
-    return text_space_map(feats[:n].astype(np.float64), run.caption_mean[:n].numpy().astype(np.float64),
-                          run.cfg.bliss.ridge_alpha)
+    return run_text_space_map(run)
 
 
 @torch.no_grad()
@@ -86,7 +102,6 @@ def bliss_detector(run, train_feats: np.ndarray, model=None):
     """BLISS fitted on the normal training images in the text model's space: prompts of the task's normal class
     names and the dictionary, embedded by the text model (or by the CLIP `model` that embedded the images)."""
     from ..bliss import BLISSDetector, class_prompts, load_dictionary
-    from ..encoders import TextEncoder
 
     cfg = run.cfg
     names = [run.ds.class_names[c] for c in run.task.normal_classes]
@@ -95,7 +110,7 @@ def bliss_detector(run, train_feats: np.ndarray, model=None):
     if hasattr(model, "encode_texts"):  # CLIP
         emb = model.encode_texts(texts)  # (C + J, D)
     else:
-        emb = TextEncoder(cfg.model.text_model, device=str(run.device)).encode(texts)  # (C + J, T)
+        emb = run_text_encoder(run).encode(texts)  # (C + J, T)
     d = cfg.detector
     det = BLISSDetector(emb, len(names), cfg.bliss.k, cfg.bliss.weight, seed=cfg.train.seed, fpr=d.fpr,
                         calibration_folds=d.calibration_folds, entries=texts)
@@ -123,7 +138,6 @@ def write_language_explainer(run) -> None:
     """language.npz in the run folder (cmg_core.language): what a new image is close to in words. Needs a frozen E1 trunk and
     the text model (to embed the dictionary); skipped with a log line otherwise."""
     from ..bliss import load_dictionary
-    from ..encoders import TextEncoder
     from ..errors import CMGError
     from ..language import build_explainer
 
@@ -132,14 +146,13 @@ def write_language_explainer(run) -> None:
         return
     try:
         words = load_dictionary(cfg.bliss.dictionary)
-        word_emb = TextEncoder(cfg.model.text_model, device=str(run.device)).encode(words)
+        word_emb = run_text_encoder(run).encode(words)
         try:
             labels = run.clusters_and_weights()[0]
         except CMGError:  # fewer training images than caption clusters
             labels = np.zeros(n, dtype=int)
         caps = [list(run.ds[i].captions) for i in run.rows[:n]]
-        lin = text_space_map(run.e1.orig[:n].numpy().astype(np.float64),
-                             run.caption_mean[:n].numpy().astype(np.float64), cfg.bliss.ridge_alpha)
+        lin = run_text_space_map(run)
         exp = build_explainer(lin.weight.detach().numpy(), lin.bias.detach().numpy(), run.caption_mean[:n].numpy(),
                               caps, run.captions[:n].numpy(), labels, words, word_emb)
         exp.save(run.run_dir / "language.npz")
