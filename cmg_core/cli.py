@@ -289,7 +289,7 @@ def _cmd_demo(args) -> int:
     from .config import load_config
     from .train import train_run
 
-    out = Path(args.out)
+    out = Path(args.out).expanduser().absolute()  # `--out .` names the folder it means
     cfg = load_config(args.config, [f"name={out.name}", f"out_dir={out.parent}", *args.set])
     run_dir = train_run(cfg, overwrite=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # resumable state is not needed in a shipped demo

@@ -5,6 +5,7 @@ Every option of a run lives here, with its default; `configs/*.yaml` only list w
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,10 +203,21 @@ class RunConfig:
         validate(self)
 
 
+def check_run_name(name: str) -> None:
+    """A run (or experiment) name is one folder name: not empty, not '.' or '..', no path separator, no NUL, at
+    most 255 bytes (ConfigError otherwise)."""
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in seps | {"\0"}) \
+            or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise ConfigError(f"name={name!r}: expected one folder name (not empty, not '.' or '..', no '/' or '\\', "
+                          "at most 255 bytes); out_dir says where the folder goes")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks with messages that name the key and the accepted values."""
     from .methods import parse_method
 
+    check_run_name(cfg.name)
     if not cfg.train.methods:
         raise ConfigError(f"train.methods is empty; expected a non-empty subset of {list(METHODS)}")
     if cfg.cmle.loss not in ("lle", "supcon"):

@@ -42,6 +42,77 @@ from .utils import atomic_path
 RUN_FILES = ("config.yaml", "run.json", "images.csv", "cmer.csv", "scores.csv", "metrics.json", "history.jsonl")
 
 
+# Every top-level entry a run folder may hold (the layout above, plus what the app's Train page adds); a folder
+# holding anything else is somebody's, not a run's, and is never deleted (see `remove_run_folder`).
+RUN_ENTRIES = frozenset(RUN_FILES + ("progress.json", "log.txt", "language.npz", "launch.json", "stdout.log",
+                                     "analysis", "embeddings", "models", "checkpoints"))
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Names in folder `path` that no run writes (sorted; an atomic write's `.<name>.*.tmp` file counts as a run's)."""
+    def ours(p: Path) -> bool:
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            return p.is_file() and not p.is_symlink()
+        return p.name in RUN_ENTRIES and not p.is_symlink()
+    return sorted(p.name for p in Path(path).iterdir() if not ours(p))
+
+
+def holds_run(path: Path) -> bool:
+    """True when folder `path` holds a run this tool wrote: a run.json object with a name and a status, or the
+    launch.json of a run the app started before its run.json was written."""
+    for name, keys in (("run.json", ("name", "status")), ("launch.json", ("pid", "command"))):
+        f = Path(path) / name
+        if f.is_file() and not f.is_symlink():
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and all(k in data for k in keys):
+                return True
+    return False
+
+
+def check_run_folder(path: Path) -> None:
+    """Refuse (DataError) to train into an existing folder that is neither empty nor a run folder: its files are
+    somebody's, and a run would write over them."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise DataError(f"{path} exists and is not a folder; choose another run name or out_dir")
+    if not path.is_dir() or holds_run(path):
+        return
+    other = foreign_entries(path)
+    if other:
+        raise DataError(f"{path} exists and is not a run folder (no run.json; it holds {_listing(other)}); "
+                        "nothing was changed - choose another run name or out_dir, or an empty folder")
+
+
+def remove_run_folder(path: Path) -> None:
+    """Delete run folder `path`, only if this tool wrote it: it holds a run (`holds_run`) and nothing a run does not
+    write (`RUN_ENTRIES`). Otherwise a DataError names what is there, and nothing is deleted."""
+    import shutil
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise DataError(f"{path} is not a run folder (a link or a file); refusing to delete it")
+    if not any(path.iterdir()):
+        return  # empty: nothing of anybody's to lose, and the run writes into it
+    if not holds_run(path):
+        raise DataError(f"{path} is not a run folder written by this tool (no run.json); refusing to delete it "
+                        f"(it holds {_listing(foreign_entries(path) or sorted(p.name for p in path.iterdir()))})")
+    other = foreign_entries(path)
+    if other:
+        raise DataError(f"run folder {path} also holds {_listing(other)}, which no run writes; refusing to delete "
+                        "it - move those out first, or choose another run name")
+    shutil.rmtree(path)
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def method_slug(method: str) -> str:
     """File-system name of a method: 'ssd+er' -> 'ssd_er'."""
     return method.replace("+", "_").replace("-", "_")

@@ -12,7 +12,7 @@ import torch
 from ..config import RunConfig, load_config, to_dict
 from ..errors import ConfigError
 from ..metrics import detection_metrics
-from ..runs import write_csv, write_json
+from ..runs import check_run_folder, remove_run_folder, write_csv, write_json
 
 
 def caption_tensor(dataset, rows: np.ndarray, text_model: str, device: str = "cpu") -> torch.Tensor:
@@ -31,13 +31,13 @@ def caption_tensor(dataset, rows: np.ndarray, text_model: str, device: str = "cp
 
 
 def check_resume(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """A run folder holding a different config is an error (unless `overwrite`)."""
-    old = run_dir / "config.yaml"
-    if overwrite and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
+    """A run folder holding a different config is an error (unless `overwrite`, which replaces a run folder this
+    tool wrote and nothing else); a folder that is not a run folder is never written into nor deleted."""
+    if overwrite:
+        remove_run_folder(run_dir)
         return
+    check_run_folder(run_dir)
+    old = run_dir / "config.yaml"
     if not old.is_file():
         return
     previous = load_config(old)

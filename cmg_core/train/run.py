@@ -28,7 +28,7 @@ from ..cmle import cmle_weights, fit_caption_clusters
 from ..config import RunConfig, mask_apply, save_config
 from ..data import load_dataset, make_task
 from ..detector import detector_from_state
-from ..errors import ConfigError
+from ..errors import CMGError, ConfigError, DataError
 from ..features import load_images, to_float
 from ..masks import grid_masks
 from ..models import RID
@@ -65,14 +65,14 @@ class Run:
             try:
                 check_resume(self.run_dir, cfg, overwrite)
                 self.w = RunWriter(self.run_dir)
-            except ConfigError as exc:
-                error = str(exc)
+            except CMGError as exc:
+                error = (type(exc).__name__, str(exc))
         else:
             self.w = _NullWriter()
         error = D.broadcast_object(error)
         if error is not None:
             D.cleanup(self.dist)
-            raise ConfigError(error)
+            raise (DataError if error[0] == "DataError" else ConfigError)(error[1])
 
     # --- bookkeeping (rank 0 writes) ---------------------------------------------------------------
     def progress(self, stage: str, done: int, total: int, message: str = "") -> None:

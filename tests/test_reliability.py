@@ -1,0 +1,122 @@
+"""Nothing lost, nobody in: the tool deletes only run folders it wrote, run names are one folder name."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cmg_core import SSD
+from cmg_core.cli import main
+from cmg_core.config import check_run_name, load_config
+from cmg_core.errors import ConfigError, DataError
+from cmg_core.runs import check_run_folder, holds_run, remove_run_folder
+from cmg_core.train.records import check_resume
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo_run"
+CONFIG = "configs/synthetic.yaml"
+
+
+def _user_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "thesis.tex").write_text("years of work")
+    return path
+
+
+def _fake_run(path: Path, *extra: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"name": path.name, "status": "done"}))
+    (path / "models").mkdir()
+    (path / "models" / "ssd.npz").write_bytes(b"x")
+    for name in extra:
+        (path / name).write_text("mine")
+    return path
+
+
+# --- guarded deletes --------------------------------------------------------------------------------------
+
+def test_remove_run_folder_refuses_a_folder_without_run_json(tmp_path):
+    folder = _user_folder(tmp_path / "results")
+    with pytest.raises(DataError, match="not a run folder.*thesis.tex"):
+        remove_run_folder(folder)
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def test_remove_run_folder_refuses_a_run_folder_holding_foreign_files(tmp_path):
+    run = _fake_run(tmp_path / "run", "notes.md")
+    with pytest.raises(DataError, match="notes.md"):
+        remove_run_folder(run)
+    assert (run / "notes.md").is_file() and (run / "run.json").is_file()
+
+
+def test_remove_run_folder_refuses_links_and_files_and_bad_run_json(tmp_path):
+    target = _user_folder(tmp_path / "target")
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(DataError, match="link"):
+        remove_run_folder(tmp_path / "link")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a run folder"):
+        remove_run_folder(tmp_path / "file")
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "run.json").write_text("[1, 2]")  # not an object a RunWriter writes
+    with pytest.raises(DataError, match="not a run folder"):
+        remove_run_folder(forged)
+    assert (target / "thesis.tex").is_file() and (forged / "run.json").is_file()
+
+
+def test_remove_run_folder_removes_a_real_run(tmp_path):
+    run = tmp_path / "demo"
+    shutil.copytree(DEMO, run)
+    assert holds_run(run)
+    remove_run_folder(run)
+    assert not run.exists()
+    remove_run_folder(tmp_path / "missing")  # nothing there: nothing to do
+    (tmp_path / "empty").mkdir()
+    remove_run_folder(tmp_path / "empty")  # an empty folder is kept (the run writes into it)
+    assert (tmp_path / "empty").is_dir()
+
+
+def test_train_never_writes_into_a_folder_that_is_not_a_run(tmp_path):
+    folder = _user_folder(tmp_path / "out" / "mine")
+    cfg = load_config(CONFIG, ["name=mine", f"out_dir={tmp_path / 'out'}"])
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="thesis.tex"):
+            check_resume(folder, cfg, overwrite)
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+    check_run_folder(tmp_path / "out" / "new")  # a new or empty folder is fine
+    check_run_folder(_fake_run(tmp_path / "out" / "ours", "notes.md"))  # resuming a run keeps the user's notes
+
+
+def test_api_fit_keeps_a_folder_with_a_file_and_raises(tmp_path):
+    folder = _user_folder(tmp_path / "results")
+    with pytest.raises(DataError, match="not a run folder"):
+        SSD(CONFIG, run_dir=folder).fit()
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
+def test_cli_demo_and_train_refuse_user_folders(tmp_path, capsys, monkeypatch):
+    folder = _user_folder(tmp_path / "x")
+    assert main(["demo", "--out", str(folder)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    monkeypatch.chdir(folder)
+    assert main(["demo", "--out", ".", "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml")]) == 2  # `.` is the folder it names, not an empty run name
+    assert "not a run folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    runs = _user_folder(tmp_path / "parent" / "runs")
+    assert main(["train", "--config", str(Path(__file__).parents[1] / CONFIG), "--set", "name=..",
+                 "--set", f"out_dir={runs}", "--overwrite"]) == 2
+    assert "name='..'" in capsys.readouterr().err
+    assert (runs / "thesis.tex").is_file() and (folder / "thesis.tex").is_file()
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "/abs", "a\\b", "nul\0", "x" * 256])
+def test_run_name_is_one_folder_name(name):
+    with pytest.raises(ConfigError, match="one folder name"):
+        check_run_name(name)
+    with pytest.raises(ConfigError, match="one folder name"):
+        load_config(CONFIG, [f"name={json.dumps(name)}"])
+
+
+def test_ordinary_run_names_pass():
+    for name in ("run", "task_seed0", "ucm-2026.12.01", "ünï", "x" * 255):
+        check_run_name(name)
