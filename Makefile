@@ -1,5 +1,6 @@
 # Quickstart targets. Each creates the virtual environment (.venv) when missing and installs what it needs.
-#   make app    - the analysis app on the embedded demo run
+#   make app    - the analysis app on the embedded demo run, on http://127.0.0.1:8501 only
+#                 (make app ADDRESS=0.0.0.0 serves it on the network: anyone who reaches it can train)
 #   make test   - the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,8 +19,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+ADDRESS ?= 127.0.0.1
+
 app: $(STAMP)
-	$(BIN)/python -m streamlit run app/main.py
+	$(BIN)/python -m streamlit run app/main.py --server.address $(ADDRESS)
 
 # Rebuild the demo run shipped in assets/ (synthetic data, cpu profile).
 demo: $(STAMP)

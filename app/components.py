@@ -31,6 +31,23 @@ def guard(what: str = "this section") -> Iterator[None]:
                  "The rest of the app keeps working; the details are in the server log.")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def served_locally(address: str | None) -> bool:
+    """True when the server listens on the loopback interface only (an empty address means every interface)."""
+    return bool(address) and (address in LOOPBACK or address.startswith("127."))
+
+
+def network_warning() -> None:
+    """A warning in the sidebar when the app is served beyond this machine (server.address not loopback)."""
+    address = st.get_option("server.address")
+    if not served_locally(address):
+        st.sidebar.warning(f"This app is served on the network (server.address={address or 'every interface'!r}): "
+                           "anyone who can reach it sees the runs and can start training on this machine. "
+                           "`make app` serves it on 127.0.0.1 only.", icon=":material/public:")
+
+
 def require_run() -> RunData | None:
     """The selected run, or an explanation of how to get one (returns None)."""
     run = current_run()

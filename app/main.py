@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from app import state  # noqa: E402
-from app.components import guard, sidebar_summary  # noqa: E402
+from app.components import guard, network_warning, sidebar_summary  # noqa: E402
 
 PAGES = REPO / "pages"
 
@@ -45,6 +45,7 @@ def run_picker() -> None:
 
 
 with guard("the run picker"):
+    network_warning()
     run_picker()
 
 nav = st.navigation({

@@ -4,9 +4,16 @@ A run is started as `python -m cmg_core.cli train --config ... --set name=... --
 session (`start_new_session=True`), so it outlives the page and the server; its stdout/stderr go to
 `<run>/stdout.log` and `<run>/launch.json` records the pid and command.  After a page reload the Train page
 finds running runs again from run.json (`status == "running"`) and launch.json.
+
+Nobody in: the page starts runs only from configs under `configs/` and on data under the allowed folders
+(`allowed_data_dirs`), and Stop signals only a process this app started. That is checked against the app's own
+launch record (`launch_registry()`, outside every run folder, so a run folder received from someone else cannot
+name a process): same pid, same kernel start time (a reused pid differs), and the pid leads its process group.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cmg_core.errors import ConfigError
+from cmg_core.utils import atomic_path, cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic.yaml"
@@ -32,6 +40,32 @@ METHOD_CHOICES = ("ssd", "ssd+er", "ssd+le[lle]", "ssd+le[supcon]", "cmg[lle]", 
 def config_files(folder: str | Path = REPO / "configs") -> list[Path]:
     """The YAML config files a run can start from (the project's configs/ folder)."""
     return sorted(Path(folder).glob("*.yaml"))
+
+
+def allowed_data_dirs() -> list[Path]:
+    """Folders the Train page may read datasets from: $CMG_DATA_DIRS (os.pathsep-separated) when set, else the
+    repository and ../shared/data beside it."""
+    env = os.environ.get("CMG_DATA_DIRS")
+    dirs = [Path(d).expanduser() for d in env.split(os.pathsep) if d] if env else [REPO, REPO.parent / "shared" / "data"]
+    return [d.resolve() for d in dirs]
+
+
+def check_inside(path: str | Path, roots: Sequence[Path], what: str, hint: str) -> Path:
+    """`path` resolved (links followed), if it lies under one of `roots`; else a ConfigError naming both."""
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(r) for r in roots):
+        raise ConfigError(f"{what} {path} is outside the folders this app may use ({', '.join(map(str, roots))}); "
+                          f"{hint}")
+    return resolved
+
+
+def check_launch_paths(config: str | Path, cfg) -> None:
+    """The Train page's guard: the config file is one of configs/, the dataset (cfg.data.root, if any) lies under
+    `allowed_data_dirs()`."""
+    check_inside(config, [(REPO / "configs").resolve()], "config file", "pick one of configs/")
+    if cfg.data.root:
+        check_inside(cfg.data.root, allowed_data_dirs(), "dataset folder",
+                     "set CMG_DATA_DIRS before starting the app to allow other folders")
 
 
 def build_overrides(name: str, out_dir: str | Path, dataset: str | None = None, root: str | None = None,
@@ -80,9 +114,10 @@ def build_command(config: str | Path, overrides: Sequence[str], python: str = sy
 
 def start_training(run_dir: str | Path, command: Sequence[str], cwd: str | Path = REPO,
                    env: dict | None = None) -> int:
-    """Start `command` detached (own session), stdout+stderr to <run_dir>/stdout.log; returns the pid."""
+    """Start `command` detached (own session), stdout+stderr to <run_dir>/stdout.log; returns the pid. The launch
+    is recorded in launch.json (for the page) and in the app's own registry (for Stop)."""
     run_dir = Path(run_dir)
-    if (run_dir / "run.json").exists() or (run_dir / LAUNCH_FILE).exists():
+    if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"a run named {run_dir.name!r} already exists in {run_dir.parent}; choose another name")
     run_dir.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ if env is None else env)
@@ -91,9 +126,58 @@ def start_training(run_dir: str | Path, command: Sequence[str], cwd: str | Path 
     with open(run_dir / STDOUT_FILE, "ab") as out:
         proc = subprocess.Popen(list(command), cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=full_env)
-    (run_dir / LAUNCH_FILE).write_text(json.dumps({"pid": proc.pid, "command": list(command),
-                                                   "started": time.time(), "name": run_dir.name}, indent=2))
+    record = {"pid": proc.pid, "command": list(command), "started": time.time(), "name": run_dir.name,
+              "process_start": process_start(proc.pid)}
+    with _registry() as launches:
+        launches[str(run_dir.resolve())] = record
+    with atomic_path(run_dir / LAUNCH_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
     return proc.pid
+
+
+def launch_registry() -> Path:
+    """The app's record of the processes it started ({resolved run folder: launch record}), in the user's cache."""
+    return cache_dir("app") / "launches.json"
+
+
+@contextlib.contextmanager
+def _registry():
+    """The launch registry as a dict, locked against other sessions and servers; written back when the block ends."""
+    path = launch_registry()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read(path)
+        yield data
+        alive = {k: v for k, v in data.items() if process_alive(int(v.get("pid") or 0))}
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(alive, indent=2))
+            os.chmod(tmp, 0o600)
+
+
+def process_start(pid: int) -> int | None:
+    """Kernel start time of process `pid` (clock ticks after boot, /proc/<pid>/stat field 22); None if unknown."""
+    try:
+        return int(Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def started_here(launch: "Launch") -> bool:
+    """True when this app started `launch`'s process and it still runs: the registry names this run folder with
+    the same pid and kernel start time, and the pid leads its own process group."""
+    if not launch.pid:
+        return False
+    with _registry() as launches:
+        record = launches.get(str(Path(launch.path).resolve()))
+    pid = int(launch.pid)
+    if not record or int(record.get("pid") or 0) != pid or record.get("process_start") is None:
+        return False
+    try:
+        leads_group = os.getpgid(pid) == pid
+    except OSError:
+        return False
+    return leads_group and process_start(pid) == record["process_start"]
 
 
 def process_alive(pid: int) -> bool:
@@ -208,9 +292,14 @@ def launches(root: str | Path) -> list[Launch]:
 
 
 def stop(launch: Launch) -> bool:
-    """SIGTERM the process group the app started for this run (only ever that pid's group)."""
+    """SIGTERM the process group the app started for this run; False when it had already ended. A process this
+    app did not start (launch.json of a received folder, a reused pid, a run started from a terminal) is never
+    signalled: ConfigError."""
     if not launch.pid or not process_alive(int(launch.pid)):
         return False
+    if not started_here(launch):
+        raise ConfigError(f"run {launch.name!r}: process {launch.pid} was not started by this app (or its record "
+                          "is gone); nothing was signalled - stop it where it was started")
     try:
         os.killpg(int(launch.pid), signal.SIGTERM)
     except (ProcessLookupError, PermissionError):

@@ -100,7 +100,7 @@ def config_form() -> None:
         st.error("Pick at least one method.")
         return
     try:
-        training.validate(config, overrides)
+        training.check_launch_paths(config, training.validate(config, overrides))
         cmd = training.build_command(config, overrides)
         pid = training.start_training(out_dir / name.strip(), cmd)
     except CMGError as exc:
@@ -147,7 +147,10 @@ def show_launch(launch: training.Launch) -> None:
         c2.code(launch.stdout(15) or "(nothing yet)", language=None)
         if launch.active and launch.pid:
             if st.button("Stop this run", key=f"stop_{launch.name}"):
-                st.warning("Stop signal sent." if training.stop(launch) else "The process had already ended.")
+                try:
+                    st.warning("Stop signal sent." if training.stop(launch) else "The process had already ended.")
+                except CMGError as exc:
+                    st.error(str(exc))
 
 
 def live_section() -> None:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -572,3 +575,89 @@ def test_demo_run_every_page_and_real_predictor(tmp_path, monkeypatch):
     assert {"CMG score", "SSD score"} <= {m.label for m in at.metric}
     assert ["empty.png is empty" in e.value for e in at.error] == [True]
     assert "**In words**" in texts(at) and "Closest dictionary words" in texts(at)  # the demo's language.npz
+
+
+# --- nobody in: local by default, contained launches, Stop only for the app's own processes ---------------
+
+def test_app_listens_on_loopback_by_default():
+    import tomllib
+
+    from app.components import served_locally
+
+    cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "127.0.0.1"
+    make = (REPO / "Makefile").read_text()
+    assert "ADDRESS ?= 127.0.0.1" in make and "--server.address $(ADDRESS)" in make
+    assert served_locally("127.0.0.1") and served_locally("localhost") and served_locally("::1")
+    assert not served_locally("0.0.0.0") and not served_locally("") and not served_locally(None)
+    assert not served_locally("192.168.1.5")
+
+
+def test_app_warns_when_served_on_the_network(monkeypatch):
+    import streamlit
+
+    assert not open_page("home").sidebar.warning  # .streamlit/config.toml: loopback, no warning
+    monkeypatch.setattr(streamlit, "get_option",
+                        lambda key, _real=streamlit.get_option: "0.0.0.0" if key == "server.address" else _real(key))
+    at = open_page("home")
+    assert "served on the network" in "\n".join(w.value for w in at.sidebar.warning)
+
+
+def test_train_page_refuses_data_outside_the_allowed_folders(tmp_path, monkeypatch):
+    from app import training
+    from cmg_core.errors import ConfigError
+
+    monkeypatch.setenv("CMG_DATA_DIRS", str(tmp_path / "allowed"))
+    (tmp_path / "allowed" / "ds").mkdir(parents=True)
+    cfg = training.validate(training.DEFAULT_CONFIG, ["data.name=folder", f"data.root={tmp_path / 'allowed' / 'ds'}"])
+    training.check_launch_paths(training.DEFAULT_CONFIG, cfg)
+    (tmp_path / "allowed" / "escape").symlink_to(tmp_path)
+    for root in ("/etc", tmp_path / "allowed" / ".." / "other", tmp_path / "allowed" / "escape"):
+        cfg = training.validate(training.DEFAULT_CONFIG, ["data.name=folder", f"data.root={root}"])
+        with pytest.raises(ConfigError, match="outside the folders"):
+            training.check_launch_paths(training.DEFAULT_CONFIG, cfg)
+    outside = tmp_path / "my.yaml"
+    outside.write_text((REPO / "configs" / "synthetic.yaml").read_text())
+    with pytest.raises(ConfigError, match="config file"):
+        training.check_launch_paths(outside, training.validate(outside, []))
+    # the page says so and starts nothing
+    monkeypatch.setenv("CMG_RUNS_DIR", str(tmp_path / "runs"))
+    at = open_page("train")
+    at.selectbox(key="tr_dataset_synthetic").set_value("folder").run()
+    at.text_input(key="tr_root_synthetic").set_value("/etc").run()
+    [b for b in at.button if b.label == "Start training"][0].click().run()
+    assert "outside the folders" in "\n".join(e.value for e in at.error)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_stop_signals_only_processes_the_app_started(tmp_path):
+    from app import training
+    from cmg_core.errors import ConfigError
+
+    # a received run folder naming a process of somebody else's
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        forged = tmp_path / "runs" / "forged"
+        forged.mkdir(parents=True)
+        (forged / "run.json").write_text(json.dumps({"name": "forged", "status": "running"}))
+        (forged / "launch.json").write_text(json.dumps({"pid": other.pid, "command": ["x"], "started": time.time(),
+                                                        "process_start": training.process_start(other.pid)}))
+        la = training.describe(forged)
+        assert la.state == "running"
+        with pytest.raises(ConfigError, match="not started by this app"):
+            training.stop(la)
+        assert other.poll() is None  # still running: nothing was signalled
+    finally:
+        other.kill()
+        other.wait()
+    # the app's own launch, but its pid now names another process (start time differs)
+    run_dir = tmp_path / "runs" / "ours"
+    training.start_training(run_dir, _fake_command(run_dir, 30))
+    la = training.describe(run_dir)
+    registry = json.loads(training.launch_registry().read_text())
+    registry[str(run_dir.resolve())]["process_start"] -= 1
+    training.launch_registry().write_text(json.dumps(registry))
+    with pytest.raises(ConfigError, match="not started by this app"):
+        training.stop(la)
+    assert training.process_alive(la.pid)
+    os.killpg(la.pid, signal.SIGKILL)
