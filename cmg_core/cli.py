@@ -281,6 +281,19 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    from .audit import run_audit
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    progress, close = _progress_bars()
+    try:
+        run_audit(cfg, departures=args.departures, progress=progress)
+    finally:
+        close()
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """Train the small demo run shipped in assets/ (synthetic data, cpu profile)."""
     import shutil
@@ -368,6 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-analyses", action="store_true", help="skip the analysis-figure data")
     p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("audit", help="the paper's number, departure by departure: the honest protocol, each "
+                                     "departure of the released code alone and cumulatively (audit.md)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--departures", nargs="+", metavar="NAME",
+                   help="only these departures (default all): best_epoch rid_on_test test_captions bn_train "
+                        "supcon_batch released_epochs caption_items anomalies_unmasked")
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("upgrade", help="convert a run folder written by an older version (pickled models/*.pt) to "
                                        "the current format and calibrate its thresholds")

@@ -54,6 +54,15 @@ def fit_caption_clusters(
     return labels.astype(np.int64), gmm
 
 
+def batch_caption_clusters(text_emb: np.ndarray, n_clusters: int = 5, seed: int = 0) -> np.ndarray:
+    """(B,) labels of a GMM (full covariance, as the released code's per-mini-batch `GaussianMixture(5)`) fitted
+    on one mini-batch's caption embeddings ``text_emb (B, D)``; K is capped at B. Some labels may be unused."""
+    x = np.asarray(text_emb, dtype=np.float64)
+    k = max(1, min(int(n_clusters), len(x)))
+    gmm = GaussianMixture(n_components=k, covariance_type="full", random_state=seed)
+    return gmm.fit_predict(x).astype(np.int64)
+
+
 def barycentric_weights(x: np.ndarray, neighbors: np.ndarray, reg: float = 1e-3) -> np.ndarray:
     """Eq. 9-12: weights ``w (k,)`` with ``sum(w) = 1`` minimising ``||x - sum_j w_j n_j||^2``.
 

@@ -169,7 +169,26 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA only
     num_workers: int = 0
     eval_every_epoch: bool = True  # record test AUROC per epoch for plots only; never used to pick a model
+    eval_every: int = 1  # per-epoch test AUROC every N epochs (and after the first and the last)
     checkpoint_every: int = 1
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Departures from the honest protocol, each as the authors' released code does it (cmg_core.protocol says
+    what each changes; `cmg audit` measures them). All off by default; a run that uses one says so in run.json,
+    its tables and the app."""
+    test_masks: str = "rid"  # rid | captions: ER methods score test images masked by RID, or by CMER with their own captions
+    anomaly_masks: str = "same"  # same | none | rid | captions: diagnostic, anomalies masked by another rule than normals
+    rid_select: str = "final"  # final | test: RID's last epoch, or its epoch most accurate on the normal test images
+    report_epoch: str = "final"  # final | best: the reported AUROC is the maximum of the per-epoch test AUROCs
+    bn_mode: str = "eval"  # eval | train: scored features with BatchNorm in train mode over class-pure batches
+    supcon_labels: str = "run"  # run | batch: SupCon's caption clusters fitted once, or by a GMM on every mini-batch
+    method_epochs: dict = field(default_factory=dict)  # per-method E2 epochs, e.g. {ssd: 200} (released: SSD 200, CMG 80)
+    # images | captions: an E2 epoch passes each training image once, or once per caption (the released loaders hold
+    # one item per caption: on UCM every image 5 times an epoch). Their transforms equal this tool's (0-1 pixels,
+    # no normalisation, the same SimCLR augmentations): SSD's raw-image loader differs only in the pixel source.
+    train_items: str = "images"
 
 
 @dataclass(frozen=True)
@@ -197,6 +216,7 @@ class RunConfig:
     bliss: BlissConfig = field(default_factory=BlissConfig)
     cmda: CMDAConfig = field(default_factory=CMDAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def __post_init__(self) -> None:
@@ -299,6 +319,29 @@ def validate(cfg: RunConfig) -> None:
                           "or >= 2")
     if cfg.task.normal_classes is not None and cfg.task.n_normal is not None:
         raise ConfigError("task: give normal_classes or n_normal, not both")
+    if cfg.train.eval_every < 1:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every}; expected >= 1 (epochs between test AUROCs)")
+    validate_protocol(cfg.protocol)
+
+
+PROTOCOL_CHOICES = {"test_masks": ("rid", "captions"), "anomaly_masks": ("same", "none", "rid", "captions"),
+                    "rid_select": ("final", "test"), "report_epoch": ("final", "best"), "bn_mode": ("eval", "train"),
+                    "supcon_labels": ("run", "batch"), "train_items": ("images", "captions")}
+
+
+def validate_protocol(p: ProtocolConfig) -> None:
+    from .methods import parse_method
+
+    for key, choices in PROTOCOL_CHOICES.items():
+        if getattr(p, key) not in choices:
+            raise ConfigError(f"protocol.{key}={getattr(p, key)!r}; expected one of {list(choices)}")
+    if not isinstance(p.method_epochs, dict):
+        raise ConfigError(f"protocol.method_epochs={p.method_epochs!r}; expected a mapping method: epochs, "
+                          "e.g. {ssd: 200}")
+    for method, epochs in p.method_epochs.items():
+        parse_method(method)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ConfigError(f"protocol.method_epochs.{method}={epochs!r}; expected a whole number of epochs >= 1")
 
 
 def mask_apply(cfg: RunConfig) -> str:

@@ -107,13 +107,22 @@ def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_c
 
 # --- RID ---------------------------------------------------------------------------------------------
 
+def rid_validation(n: int, cfg: CMERConfig, seed: int) -> torch.Tensor:
+    """(n,) bool: the training images RID holds out for its per-epoch validation accuracy (cmer.rid_val_fraction)."""
+    gen = np.random.default_rng(seed)
+    val = np.zeros(n, bool)
+    val[gen.permutation(n)[: int(round(cfg.rid_val_fraction * n))]] = True
+    return torch.from_numpy(val)
+
+
 def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, val_mask: torch.Tensor,
               cfg: CMERConfig, seed: int, on_epoch: EpochFn | None = None, state: dict | None = None,
-              on_checkpoint: CheckpointFn | None = None) -> RID:
+              on_checkpoint: CheckpointFn | None = None, on_model: Callable[[int, RID], None] | None = None) -> RID:
     """Eq.3: RID learns CMER's label l from the masked variants alone (no text).
 
     masked (N, M, F), orig (N, F), labels (N,), val_mask (N,) bool: held-out images for validation accuracy
-    (reported per epoch, never used to choose the model: the final epoch's weights are kept).
+    (reported per epoch, never used to choose the model: the final epoch's weights are kept). on_model(epoch, rid)
+    sees the model in eval mode after each epoch.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -143,8 +152,30 @@ def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, va
             on_checkpoint(epoch + 1, _snapshot(epoch + 1, {"model": rid}, opt, gen))
         if on_epoch:
             on_epoch(rec)
+        if on_model:
+            on_model(epoch + 1, rid)
     rid.eval()
     return rid
+
+
+def train_rid_selected_on(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, n: int,
+                          select: np.ndarray, cfg: CMERConfig, seed: int, val_mask: torch.Tensor) -> RID:
+    """RID trained as `train_rid` on the first n rows of masked (R, M, F), orig (R, F), labels (R,), keeping the
+    epoch whose accuracy on rows `select` is highest (the earliest on ties): the released code's checkpoint choice,
+    made on the normal test images (a departure: protocol.rid_select: test)."""
+    best = {"acc": -1.0, "state": None}
+    sel = torch.as_tensor(np.asarray(select), dtype=torch.long)
+
+    def keep(epoch: int, rid: RID) -> None:
+        with torch.no_grad():
+            acc = rid_accuracy(rid(masked[sel], orig[sel]), labels[sel]) if len(sel) else 0.0
+        if acc > best["acc"]:
+            best.update(acc=acc, state={k: v.clone() for k, v in rid.state_dict().items()})
+
+    rid = train_rid(masked[:n], orig[:n], labels[:n], val_mask, cfg, seed, on_model=keep)
+    if best["state"] is not None:
+        rid.load_state_dict(best["state"])
+    return rid.eval()
 
 
 @torch.no_grad()

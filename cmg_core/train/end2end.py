@@ -34,7 +34,7 @@ from ..losses import duplicate_caption_mask, image_text_contrastive_loss, matchi
 from ..masks import apply_masks
 from ..models import E2Encoder
 from .frozen import make_optimizer
-from .nets import E2Train, batch_simclr_augment, build_e1, build_e2, save_atomic
+from .nets import E2Train, batch_simclr_augment, bn_train_copy, build_e1, build_e2, save_atomic
 from ..methods import MethodSpec
 from .objective import Guidance, e2_step_loss
 
@@ -168,14 +168,18 @@ class End2EndE2:
         return self.run.to_device(build_e2(self.run.cfg, text_dim))
 
     @torch.no_grad()
-    def embed(self, enc: E2Encoder, spec: MethodSpec, rows: np.ndarray | None = None, batch_size: int = 256,
-              masks: np.ndarray | None = None) -> np.ndarray:
-        """E2 features (h, or z with detector.features=projection) of the un-augmented images of `rows`
-        (default: all), RID-masked for ER methods (or masked by `masks`)."""
+    def embed(self, enc: E2Encoder, spec: MethodSpec, rows: np.ndarray | None = None, masks: np.ndarray | None = None,
+              bn: str = "eval", batch_size: int = 256) -> np.ndarray:
+        """E2 features (h, or z with detector.features=projection) of the un-augmented images of `rows` (default:
+        all), each masked by masks[row] ((R,) mask indices, -1 = unmasked; None = no masks). bn `train`:
+        BatchNorm normalises each batch by its own statistics (a copy of the encoder: its running statistics are
+        left alone), batches of e2.batch_size in the order of `rows`."""
         run = self.run
-        rows = np.arange(len(run.rows)) if rows is None else rows
-        masks = masks if masks is not None else (run.rid_choice if spec.er else None)
-        enc.eval()
+        rows = np.arange(len(run.rows)) if rows is None else np.asarray(rows)
+        if bn == "train":
+            enc, batch_size = bn_train_copy(enc), max(2, run.cfg.e2.batch_size)
+        else:
+            enc.eval()
         out = []
         for s in range(0, len(rows), batch_size):
             x = run.batch(torch.as_tensor(rows[s : s + batch_size]), masks)
@@ -205,7 +209,7 @@ class End2EndE2:
 
     def train(self, spec: MethodSpec, g: Guidance, evaluate) -> E2Encoder:
         run, cfg, n = self.run, self.run.cfg, self.run.n_train
-        e2 = cfg.e2
+        e2 = run.e2_config(spec)
         enc = self.build(g.head_dim or None)
         model = run.sync_bn(E2Train(enc))
         enc = model.enc
@@ -217,13 +221,14 @@ class End2EndE2:
         g.to(run.device)
         train_masks = run.cmer_label if spec.er else None  # E2 trains on CMER's choice
         per_rank = max(2, e2.batch_size // run.world)
-        sampler = run.sampler(n, run.stage_seed(5))
+        reps = run.items_per_image()  # protocol.train_items: captions -> one item per caption, as released
+        sampler = run.sampler(n * reps, run.stage_seed(5))
         lle = g.lle_weights is not None
         on_views = g.needs_features and e2.guidance_on == "views"
         bank = None
         for epoch in range(start, e2.epochs):
             sampler.set_epoch(epoch)
-            shard = list(sampler)
+            shard = [i % n for i in sampler]
             if epoch == start:
                 run.log_shards(f"e2 {spec.name}", epoch + 1, shard)
             gen = torch.Generator().manual_seed(run.stage_seed(5) * 7919 + epoch * run.world + run.rank)
@@ -282,7 +287,7 @@ class End2EndE2:
                    **{k: float(v) for k, v in zip(keys, mean.tolist())}}
             if run.main:
                 if evaluate is not None:
-                    rec.update(evaluate(enc))
+                    rec.update(evaluate(enc, epoch + 1))
                 if run.want_checkpoint(epoch + 1, e2.epochs):
                     save_atomic({"epoch": epoch + 1, "model": enc.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict()}, ckpt)

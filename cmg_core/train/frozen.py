@@ -21,6 +21,7 @@ from ..runs import write_npy
 from ..stages import E1Model, _batches, _feature_views, _restore, _snapshot, e2_features, train_e1
 from ..utils import resolve_trunk_precision
 from ..methods import MethodSpec
+from .nets import bn_train_copy
 from .objective import Guidance, e2_step_loss
 
 
@@ -104,24 +105,35 @@ class HeadE2:
         write_npy(path, views)
         return torch.from_numpy(views)
 
-    def features(self, spec: MethodSpec) -> torch.Tensor:
-        """(R, F) trunk features E2 sees for each row: RID's masked variant for ER methods (train rows too, so
-        the normal statistics are computed exactly as test images are processed), else the original."""
-        if spec.er:
-            return self.e1.masked[torch.arange(len(self.run.rows)), torch.from_numpy(self.run.rid_choice)]
-        return self.e1.orig
+    def features(self, masks: np.ndarray | None) -> torch.Tensor:
+        """(R, F) trunk features E2 sees for each row: the variant masked by masks[row] ((R,) mask indices, -1 =
+        unmasked; None = no masks), else the original."""
+        if masks is None:
+            return self.e1.orig
+        m = torch.from_numpy(np.asarray(masks))
+        picked = self.e1.masked[torch.arange(len(m)), m.clamp(min=0)]
+        return torch.where((m >= 0).unsqueeze(1), picked, self.e1.orig)
 
     def build(self, text_dim: int | None) -> E2Head:
         cfg = self.run.cfg
         return E2Head(self.e1.orig.shape[1], cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
 
-    def embed(self, head: E2Head, spec: MethodSpec) -> np.ndarray:
-        return e2_features(head, self.features(spec))
+    @torch.no_grad()
+    def embed(self, head: E2Head, spec: MethodSpec, rows: np.ndarray | None = None, masks: np.ndarray | None = None,
+              bn: str = "eval") -> np.ndarray:
+        """(len(rows), H) E2 features of `rows` (default: all) under `masks` (see `features`); bn `train`: batches
+        of e2.batch_size normalised by their own statistics (end2end.End2EndE2.embed)."""
+        feats = self.features(masks)
+        feats = feats if rows is None else feats[torch.as_tensor(np.asarray(rows))]
+        if bn != "train":
+            return e2_features(head, feats)
+        clone, b = bn_train_copy(head), max(2, self.run.cfg.e2.batch_size)
+        return torch.cat([clone(feats[s : s + b])[0] for s in range(0, len(feats), b)]).numpy()
 
     def train(self, spec: MethodSpec, g: Guidance, evaluate) -> E2Head:
         """NT-Xent on cached augmented feature views (+ the method's guidance), final-epoch head."""
         run, cfg, n = self.run, self.run.cfg, self.run.n_train
-        e2 = cfg.e2
+        e2 = run.e2_config(spec)
         clean = (self.e1.masked[torch.arange(n), torch.from_numpy(run.cmer_label[:n])] if spec.er
                  else self.e1.orig[:n])  # (N, F) E2 trains on CMER's choice
         views = self._views(spec.er)
@@ -135,7 +147,8 @@ class HeadE2:
         for epoch in range(start, e2.epochs):
             head.train()
             sums, steps = {}, 0
-            for idx in _batches(n, e2.batch_size, gen, drop_last=True):
+            for item in _batches(n * run.items_per_image(), e2.batch_size, gen, drop_last=True):
+                idx = item % n  # protocol.train_items: captions -> one item per caption
                 if len(idx) < 2:
                     continue
                 v1, v2 = _feature_views(views, idx, e2, gen)  # the same draws for every method
@@ -166,7 +179,7 @@ class HeadE2:
                    **{k: v / max(steps, 1) for k, v in sums.items()}}
             head.eval()
             if evaluate is not None:
-                rec.update(evaluate(head))
+                rec.update(evaluate(head, epoch + 1))
             save(epoch + 1, _snapshot(epoch + 1, {"model": head}, opt, gen))  # before reporting: no epoch lost
             run.epoch_cb(e2.epochs, "E2")(rec)
         head.eval()

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -146,3 +147,13 @@ def batch_simclr_augment(x: torch.Tensor, gen: torch.Generator, crop_scale: tupl
     gs = (torch.rand(b, generator=gen) < 0.2 * strength).to(dev, dt).view(b, 1, 1, 1)
     gray = (x * lum).sum(1, keepdim=True).expand_as(x)
     return torch.lerp(x, gray, gs)
+
+
+def bn_train_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode except its BatchNorm layers, which normalise by each batch's own statistics
+    (dropout stays off: the features change only through batch statistics). The original is not touched."""
+    clone = copy.deepcopy(model).eval()
+    for m in clone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    return clone

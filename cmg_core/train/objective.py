@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from ..cmle import batch_caption_clusters
 from ..errors import ConfigError
 from ..losses import lle_reconstruction_loss, mse_distillation_loss, nt_xent_loss, supcon_loss
 from ..methods import MethodSpec
@@ -32,6 +33,9 @@ class Guidance:
     class_labels: torch.Tensor | None = None  # (N,) normal-class ids 0..C-1: method `she` (a classifier, CE only)
     mix_partners: torch.Tensor | None = None  # (N, k) CMDA: each image's mixing partners (cmg_core.cmda)
     mix_weights: torch.Tensor | None = None  # (N, k) and their weights
+    batch_cluster_source: torch.Tensor | None = None  # (N, T) supcon: clusters refitted per mini-batch on these
+    batch_clusters: int = 5  # K of that per-batch GMM
+    batch_cluster_seed: int = 0
     weight: float = 1.0
     normalize: bool = True
     supcon_temperature: float = 0.5
@@ -53,7 +57,7 @@ class Guidance:
         return int(self.class_labels.max()) + 1 if self.class_labels is not None else 0
 
     def to(self, device) -> "Guidance":
-        for k in ("cluster_labels", "mse_targets", "class_labels"):
+        for k in ("cluster_labels", "mse_targets", "class_labels", "batch_cluster_source"):
             v = getattr(self, k)
             if v is not None:
                 setattr(self, k, v.to(device))
@@ -61,11 +65,13 @@ class Guidance:
 
 
 def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_weight: float,
-                   clusters_and_weights, class_labels: np.ndarray | None = None, cmda=None) -> Guidance:
+                   clusters_and_weights, class_labels: np.ndarray | None = None, cmda=None,
+                   supcon_per_batch: bool = False) -> Guidance:
     """Guidance of one method. caption_mean (N, T) of the training images; `clusters_and_weights()` returns
     (GMM labels (N,), LLE weights (N, N) csr), computed once per run and shared by the methods; class_labels (N,)
     the normal-class ids 0..C-1 of the training images (used by `she` only); cmda () -> (config section, partners
-    (N, k), weights (N, k)) for `cmda` (called only for it)."""
+    (N, k), weights (N, k)) for `cmda` (called only for it). supcon_per_batch: the supcon reading's clusters come
+    from a GMM refitted on every mini-batch's captions (the released code; protocol.supcon_labels: batch)."""
     g = Guidance(weight=cmle_cfg.weight, normalize=cmle_cfg.normalize,
                  supcon_temperature=cmle_cfg.supcon_temperature,
                  supcon_with_simclr=cmle_cfg.supcon_with_simclr, mse_weight=mse_weight)
@@ -73,6 +79,8 @@ def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_w
         labels, w = clusters_and_weights()
         if spec.reading == "lle":
             g.lle_weights = w
+        elif supcon_per_batch:
+            g.batch_cluster_source, g.batch_clusters = caption_mean.float(), cmle_cfg.n_clusters
         else:
             g.cluster_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if spec.mse:
@@ -121,8 +129,12 @@ def e2_step_loss(g: Guidance, ids: torch.Tensor, z1: torch.Tensor, z2: torch.Ten
         parts["ce"] = parts["loss"] = ce.item()
         return ce + 0.0 * (z1.sum() + z2.sum()), parts  # the projection takes part (DDP needs every parameter used)
     supcon = None
-    if g.cluster_labels is not None:
-        labels = g.cluster_labels[ids.to(g.cluster_labels.device)].to(z1.device)
+    if g.cluster_labels is not None or g.batch_cluster_source is not None:
+        if g.batch_cluster_source is not None:
+            text = g.batch_cluster_source[ids.to(g.batch_cluster_source.device)].cpu().numpy()
+            labels = torch.from_numpy(batch_caption_clusters(text, g.batch_clusters, g.batch_cluster_seed)).to(z1.device)
+        else:
+            labels = g.cluster_labels[ids.to(g.cluster_labels.device)].to(z1.device)
         supcon = supcon_loss(z1, z2, labels, g.supcon_temperature)
         parts["global"] = supcon.item()
     if supcon is not None and not g.supcon_with_simclr:

@@ -73,23 +73,6 @@ def score_method(run, spec, h: np.ndarray, detectors: dict) -> dict:
     return out
 
 
-def plot_auroc(run, backend, spec):
-    """Per-epoch test AUROC of the Mahalanobis score, for the history plots only (never picks a model); None when
-    not recorded (train.eval_every_epoch off, or a test set without both classes)."""
-    from ..detector import MahalanobisDetector
-
-    cfg, n = run.cfg, run.n_train
-    y = run.is_anomaly[n:]
-    if not cfg.train.eval_every_epoch or not 0 < y.sum() < len(y):
-        return None
-
-    def evaluate(model) -> dict:
-        h = backend.embed(model, spec)
-        d = MahalanobisDetector(cfg.detector.n_clusters, cfg.detector.covariance, calibration_folds=0).fit(h[:n])
-        return {"auroc": detection_metrics(y, d.score(h[n:]))["auroc"]}
-    return evaluate
-
-
 def write_results(run, results: dict) -> None:
     """scores.csv and metrics.json of the methods finished so far."""
     write_csv(run.run_dir / "scores.csv", pd.DataFrame(

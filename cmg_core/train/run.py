@@ -12,6 +12,7 @@ E1/CMER/RID (frozen E1), GMM and LLE; results the other ranks need are broadcast
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -31,9 +32,10 @@ from ..detector import detector_from_state
 from ..errors import CMGError, ConfigError, DataError
 from ..features import load_images, to_float
 from ..masks import grid_masks
+from ..protocol import Scoring, departures, run_scoring, scoring_masks
 from ..models import RID
 from ..runs import RunWriter, method_slug, write_csv, write_npy
-from ..stages import mean_caption_embedding, rid_predict, train_rid
+from ..stages import mean_caption_embedding, rid_predict, rid_validation, train_rid, train_rid_selected_on
 from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
@@ -41,8 +43,9 @@ from ..methods import MethodSpec, parse_method
 from .baselines import (cmda_pairs, fit_detectors, untrained_features, untrained_model,
                         write_language_explainer)
 from .objective import build_guidance
-from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, plot_auroc,
-                      score_method, write_results)
+from .evaluate import epoch_evaluator, report_best_epoch, scored_features
+from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, score_method,
+                      write_results)
 
 Progress = Callable[[str, int, int], None]
 
@@ -50,8 +53,11 @@ Progress = Callable[[str, int, int], None]
 class Run:
     """State of one run while it trains; `run()` is the whole straight line."""
 
-    def __init__(self, cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False):
+    def __init__(self, cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False,
+                 extra_scorings: tuple[Scoring, ...] = ()):
         self.cfg = cfg
+        self.scoring = run_scoring(cfg.protocol)  # how the detectors' features are extracted (cmg_core.protocol)
+        self.extra_scorings = tuple(s for s in extra_scorings if s != self.scoring)  # cmg audit: per-epoch AUROCs too
         self.dist = D.init_distributed() if cfg.model.profile == "end2end" else D.DistInfo()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.main = self.rank == 0
@@ -157,10 +163,11 @@ class Run:
             self.log(f"shards {stage} epoch {epoch}: " + json.dumps({str(r): s for r, s in enumerate(shards)}))
 
     def batch(self, idx: torch.Tensor, masks: np.ndarray | None = None) -> torch.Tensor:
-        """Float images of rows `idx` on the device, multiplied by masks[index] per row when given."""
+        """Float images of rows `idx` on the device, multiplied by masks[index] per row when given (-1: unmasked)."""
         x = to_float(self.images[idx.to(self.images.device)])
         if masks is not None:
-            x = x * self.masks[torch.as_tensor(masks[idx.cpu().numpy()], device=self.device)]
+            pick = np.asarray(masks[idx.cpu().numpy()]) % (len(self.masks) + 1)  # -1 -> the all-ones mask
+            x = x * torch.cat([self.masks, torch.ones_like(self.masks[:1])])[torch.as_tensor(pick, device=self.device)]
         return x.contiguous(memory_format=torch.channels_last)
 
     # --- stages ------------------------------------------------------------------------------------
@@ -195,7 +202,8 @@ class Run:
                            normal_classes=list(t.normal_classes), n_regions=cfg.cmer.n_regions, mask=cfg.cmer.mask,
                            mask_apply=self.mask_apply, e1_encoder=cfg.e1.encoder, image_size=cfg.data.image_size,
                            trunk_precision=resolve_trunk_precision(cfg.model.trunk_precision, self.device),
-                           device=str(self.device), world_size=self.world, host=platform.node(), error=None)
+                           device=str(self.device), world_size=self.world, host=platform.node(), error=None,
+                           departures=departures(cfg.protocol))
         items = [self.ds[i] for i in self.rows]
         write_csv(self.run_dir / "images.csv", pd.DataFrame({
             "row": np.arange(len(self.rows)), "index": self.rows, "image_id": [it.image_id for it in items],
@@ -242,10 +250,10 @@ class Run:
 
     def rid(self) -> None:
         out = self._rid_main() if self.main else None
-        self.rid_probs = D.broadcast_object(out)
+        self.rid_probs, self.rid_test_choice = D.broadcast_object(out)
         self.rid_choice = self.rid_probs.argmax(1)
 
-    def _rid_main(self) -> np.ndarray:
+    def _rid_main(self) -> tuple[np.ndarray, np.ndarray | None]:
         cfg, n = self.cfg, self.n_train
         masked, orig = self.rid_masked, self.rid_orig
         path = model_path(self.models, "rid")
@@ -253,11 +261,9 @@ class Run:
         if path.is_file():
             rid.load_state_dict(load_model(path)[0])
         else:
-            gen = np.random.default_rng(self.stage_seed(2))
-            val = np.zeros(n, bool)
-            val[gen.permutation(n)[: int(round(cfg.cmer.rid_val_fraction * n))]] = True
+            val = rid_validation(n, cfg.cmer, self.stage_seed(2))
             state, save = self.checkpoint("rid", "rid")
-            rid = train_rid(masked[:n], orig[:n], torch.from_numpy(self.cmer_label[:n]).long(), torch.from_numpy(val),
+            rid = train_rid(masked[:n], orig[:n], torch.from_numpy(self.cmer_label[:n]).long(), val,
                             cfg.cmer, self.stage_seed(2), on_epoch=self.epoch_cb(cfg.cmer.rid_epochs, "RID"),
                             state=state, on_checkpoint=save)
             self.save_model(path, rid.state_dict())
@@ -266,10 +272,49 @@ class Run:
         cols = {f"e1_score_{j}": self.e1_scores[:, j] for j in range(m)}
         cols.update({f"rid_prob_{j}": probs[:, j] for j in range(m)})
         choice = probs.argmax(1)
+        test_choice = self._rid_test_choice(masked, orig) if self._needs_rid_test() else None
+        extra = {"rid_test_choice": test_choice} if test_choice is not None else {}
         write_csv(self.run_dir / "cmer.csv", pd.DataFrame({
             "row": np.arange(len(self.rows)), "role": self.roles, **cols, "cmer_label": self.cmer_label,
-            "rid_choice": choice, "agree": (self.cmer_label == choice).astype(int)}))
-        return probs
+            "rid_choice": choice, "agree": (self.cmer_label == choice).astype(int), **extra}))
+        return probs, test_choice
+
+    def _needs_rid_test(self) -> bool:
+        return any(s.uses_rid_test for s in (self.scoring, *self.extra_scorings))
+
+    def _rid_test_choice(self, masked: torch.Tensor, orig: torch.Tensor) -> np.ndarray:
+        """(R,) the choice of RID's epoch most accurate on the normal test images against their CMER labels (own
+        captions): the released code's checkpoint selection (protocol.rid_select: test). Retrained from scratch
+        with the honest RID's seed; models/rid_test.npz."""
+        cfg, n = self.cfg, self.n_train
+        path = model_path(self.models, "rid_test")
+        rid = RID(masked.shape[-1], tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
+        if path.is_file():
+            rid.load_state_dict(load_model(path)[0])
+        else:
+            normal_test = np.flatnonzero((self.is_anomaly == 0) & (np.arange(len(self.rows)) >= n))
+            rid = train_rid_selected_on(masked, orig, torch.from_numpy(self.cmer_label).long(), n, normal_test,
+                                        cfg.cmer, self.stage_seed(2), rid_validation(n, cfg.cmer, self.stage_seed(2)))
+            self.save_model(path, rid.state_dict())
+        return rid_predict(rid, masked, orig).numpy().argmax(1)
+
+    def scoring_masks(self, spec: MethodSpec, scoring: Scoring) -> np.ndarray | None:
+        """(R,) the mask index of each row when `spec`'s features are scored under `scoring` (-1 unmasked)."""
+        choices = {"rid": self.rid_choice, "captions": self.cmer_label, "rid_test": self.rid_test_choice}
+        return scoring_masks(scoring, spec.er, choices, self.is_anomaly)
+
+    def items_per_image(self) -> int:
+        """How often an E2 epoch passes each training image: once, or once per caption (protocol.train_items)."""
+        return int(self.captions.shape[1]) if self.cfg.protocol.train_items == "captions" else 1
+
+    def e2_config(self, spec: MethodSpec):
+        """The e2 section this method trains with: its epochs from protocol.method_epochs (by name, label or base
+        method) when listed there."""
+        per = self.cfg.protocol.method_epochs
+        for key in (spec.name, spec.label, spec.base):
+            if key in per:
+                return dataclasses.replace(self.cfg.e2, epochs=int(per[key]))
+        return self.cfg.e2
 
     def clusters_and_weights(self):
         """(GMM caption-cluster labels (N,), LLE weights (N, N) csr) of the training images; once per run."""
@@ -324,8 +369,9 @@ class Run:
             model, text_dim = untrained_model(self, spec), 0
             if spec.trained:
                 g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights,
-                                   self.class_labels[:n], lambda: cmda_pairs(self))
-                model = backend.train(spec, g, plot_auroc(self, backend, spec))
+                                   self.class_labels[:n], lambda: cmda_pairs(self),
+                                   supcon_per_batch=cfg.protocol.supcon_labels == "batch")
+                model = backend.train(spec, g, epoch_evaluator(self, backend, spec, self.extra_scorings))
                 text_dim = g.head_dim
                 if not self.main:
                     D.barrier()
@@ -340,7 +386,7 @@ class Run:
                 (self.ckpt / f"e2_{self.slug(spec)}.pt").unlink(missing_ok=True)  # superseded by the final model
                 D.barrier()
         write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
-        return score_method(self, spec, h, dets)
+        return report_best_epoch(self, spec, score_method(self, spec, h, dets))
 
     def scorers(self, spec: MethodSpec) -> list[str]:
         """The method's own scoring rule (bliss), else every one of `detector.scorers`."""
@@ -348,7 +394,9 @@ class Run:
 
     def method_features(self, backend, model, spec: MethodSpec) -> np.ndarray:
         """(R, D) features the detectors score: E2's, or for raw / bliss the trunk's / E1's (no training)."""
-        return backend.embed(model, spec) if spec.trained else untrained_features(self, spec, model)
+        if spec.trained:
+            return scored_features(self, backend, model, spec, self.scoring)
+        return untrained_features(self, spec, model)
 
     def run(self) -> Path:
         t0 = time.time()
@@ -390,7 +438,9 @@ class Run:
         return self.run_dir
 
 
-def train_run(cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False) -> Path:
+def train_run(cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False,
+              extra_scorings: tuple[Scoring, ...] = ()) -> Path:
     """Train every method of `cfg` and write the run folder; returns its path. Under torchrun every process
-    calls this (end2end profile); rank 0 writes the run folder."""
-    return Run(cfg, progress=progress, overwrite=overwrite).run()
+    calls this (end2end profile); rank 0 writes the run folder. extra_scorings: per-epoch test AUROCs of each
+    trained method under these scorings too (history keys `auroc|<scoring key>`; `cmg audit`)."""
+    return Run(cfg, progress=progress, overwrite=overwrite, extra_scorings=extra_scorings).run()
