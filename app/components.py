@@ -78,7 +78,9 @@ def run_facts(run: RunData) -> list[tuple[str, str]]:
     facts = [("Status", status_badge(run.status)), ("Dataset", f"`{run.dataset}`"),
              ("Methods", ", ".join(f"`{m}`" for m in run.methods) or "-"),
              ("Normal classes", ", ".join(run.normal_classes) or "-"),
-             ("Regions M", f"{run.n_regions} ({run.mask_mode} mask, applied in {run.mask_apply} space)")]
+             ("Regions M", f"{run.n_regions} ({run.mask_mode} mask, applied in {run.mask_apply} space)"),
+             ("Protocol", "; ".join(f":red[{d}]" for d in departures) if (departures := run.info.get("departures"))
+              else "honest")]
     if run.has("images"):
         c = run.counts()
         facts.append(("Images", f"{c['train']} train · {c['test normal']} test normal · {c['test anomaly']} test anomaly"))

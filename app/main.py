@@ -56,6 +56,8 @@ nav = st.navigation({
         st.Page(PAGES / "latent.py", title="Latent space", icon=":material/scatter_plot:", url_path="latent"),
         st.Page(PAGES / "dcor.py", title="Distance correlation", icon=":material/grid_on:", url_path="dcor"),
         st.Page(PAGES / "ablation.py", title="Ablation", icon=":material/show_chart:", url_path="ablation"),
+        st.Page(PAGES / "reproduction.py", title="Reproduction", icon=":material/fact_check:",
+                url_path="reproduction"),
     ],
     "Use": [
         st.Page(PAGES / "upload.py", title="Upload", icon=":material/upload:", url_path="upload"),

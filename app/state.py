@@ -44,6 +44,13 @@ def run_roots() -> list[Path]:
     return [runs_root(), *exp_dirs, DEMO_RUN]
 
 
+def audit_folders() -> list[Path]:
+    """Audit folders (`cmg audit`: audit.csv) under experiments/ and the runs folder, newest first."""
+    found = [p.parent for root in (REPO / "experiments", runs_root()) if root.is_dir()
+             for p in root.glob("*/audit.csv")]
+    return sorted(set(found), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def discover_runs() -> list[Run]:
     """Every readable run under the runs folder plus the demo run, newest first, no duplicates."""
     seen, out = set(), []

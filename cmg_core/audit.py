@@ -7,8 +7,8 @@ departure retrains only the methods it changes, in a run folder of its own whose
 
 Output `<experiment.out_dir>/<name>_audit/`: config.yaml, task_seed<k>/ (honest, every audit method),
 task_seed<k>__<departures>/ (retrained methods), audit.csv (per task, row and method: AUROC reported and after
-epoch 1), audit.md (mean ± 95 % CI over tasks, change against the honest row, the paper's numbers), fig10.json
-(per-epoch test AUROC curves, mean and band over tasks, of each row that reports the best epoch and the honest one).
+epoch 1), audit.md (mean ± 95 % CI over tasks, change against the honest row, the paper's numbers), fig10.json and
+fig10.html (per-epoch test AUROC curves, mean and band over tasks, of the honest row and each best-epoch row).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pandas as pd
 
 from .config import RunConfig, save_config
 from .errors import ConfigError
-from .experiment import task_config
+from .experiment import check_experiment_folder, task_config
 from .metrics import mean_ci
 from .protocol import Scoring, auroc_key
 from .runs import Run, check_run_folder, write_csv, write_json
@@ -162,6 +162,7 @@ def run_audit(cfg: RunConfig, departures: Sequence[str] | None = None, progress=
     names = list(departures) if departures else [d.name for d in DEPARTURES]
     rows = audit_rows(names)
     exp_dir = Path(cfg.experiment.out_dir) / f"{cfg.name}_audit"
+    check_experiment_folder(exp_dir, cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, exp_dir / "config.yaml")
     t0 = time.time()
@@ -175,17 +176,23 @@ def run_audit(cfg: RunConfig, departures: Sequence[str] | None = None, progress=
                                 "reported": v["reported"], "epoch1": v["epoch1"]})
                 if row.best or row.kind == "honest":
                     curves.setdefault(row.label, {}).setdefault(m, []).append(v["curve"])
-    per_task = pd.DataFrame(records)
+        text = _write_tables(exp_dir, pd.DataFrame(records), curves, rows, cfg, time.time() - t0)  # after every task
+    log(text)
+    return exp_dir
+
+
+def _write_tables(exp_dir: Path, per_task: pd.DataFrame, curves: dict, rows: list[Row], cfg: RunConfig,
+                  wall: float) -> str:
+    """audit.csv, audit.md, fig10.json/html of the tasks finished so far; returns audit.md's text."""
     write_csv(exp_dir / "audit.csv", per_task)
-    write_json(exp_dir / "fig10.json", {"rows": {label: {m: curve_band(c) for m, c in per_m.items()}
-                                                 for label, per_m in curves.items()},
-                                        "paper_epoch1": PAPER_EPOCH1})
-    wall = time.time() - t0
+    fig10 = {"rows": {label: {m: curve_band(c) for m, c in per_m.items()} for label, per_m in curves.items()},
+             "paper_epoch1": PAPER_EPOCH1}
+    write_json(exp_dir / "fig10.json", fig10)
+    write_fig10_html(exp_dir, fig10)
     text = audit_markdown(per_task, rows, cfg, wall)
     with atomic_path(exp_dir / "audit.md") as tmp:
         tmp.write_text(text)
-    log(text)
-    return exp_dir
+    return text
 
 
 def curve_band(curves: list) -> dict:
@@ -194,6 +201,45 @@ def curve_band(curves: list) -> dict:
     vals = [[dict(c)[e] for c in curves] for e in epochs]
     stats = [mean_ci(v) for v in vals]
     return {"epoch": epochs, "mean": [s[0] for s in stats], "ci95": [s[1] for s in stats], "tasks": len(curves)}
+
+
+FIG10_METHODS = ("ssd", "cmda", "cmg[lle]", "cmg[supcon]")
+
+
+def fig10_figure(bands: dict, methods: Sequence[str] = FIG10_METHODS, title: str | None = None):
+    """The paper's Fig.10 for one protocol row: per-epoch test AUROC (mean line, 95 % CI band over tasks) of each
+    method, {method: curve_band(...)}, with the paper's ≈95 after epoch 1 marked. A plotly figure."""
+    import plotly.graph_objects as go
+
+    colors = {"ssd": "#7f7f7f", "cmda": "#2ca02c", "cmg[lle]": "#d62728", "cmg[supcon]": "#ff7f0e"}
+    fig = go.Figure()
+    for m in methods:
+        if m not in bands:
+            continue
+        b, c = bands[m], colors.get(m, "#1f77b4")
+        lo = [x - h for x, h in zip(b["mean"], b["ci95"])]
+        hi = [x + h for x, h in zip(b["mean"], b["ci95"])]
+        fig.add_trace(go.Scatter(x=b["epoch"] + b["epoch"][::-1], y=hi + lo[::-1], fill="toself", opacity=0.2,
+                                 line=dict(width=0, color=c), hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=b["epoch"], y=b["mean"], mode="lines+markers", name=m, line=dict(color=c)))
+    fig.add_trace(go.Scatter(x=[1], y=[PAPER_EPOCH1], mode="markers", name="paper: CMG after epoch 1",
+                             marker=dict(symbol="star", size=12, color="#000")))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="test AUROC %", height=380,
+                      margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+    return fig
+
+
+def write_fig10_html(folder: Path, fig10: dict) -> None:
+    """fig10.html in the audit folder: one Fig.10 per row (needs plotly, the [app] extra; skipped without it)."""
+    try:
+        import plotly.io as pio
+    except ImportError:
+        return
+    parts = [pio.to_html(fig10_figure(bands, title=label), full_html=False, include_plotlyjs=i == 0)
+             for i, (label, bands) in enumerate(fig10["rows"].items())]
+    with atomic_path(Path(folder) / "fig10.html") as tmp:
+        tmp.write_text("<html><head><meta charset='utf-8'><title>Fig.10 per protocol</title></head><body>"
+                       + "".join(parts) + "</body></html>")
 
 
 def audit_summary(per_task: pd.DataFrame) -> pd.DataFrame:
@@ -212,42 +258,60 @@ def audit_summary(per_task: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def audit_table(summary: pd.DataFrame, col: str = "reported", delta: bool = True) -> pd.DataFrame:
+    """Rows (in audit order) x methods of "mean ± CI" strings (with "(+Δ)" against the honest row), and the
+    paper's row when `col` is the reported AUROC."""
+    methods = [m for m in AUDIT_METHODS if m in set(summary.method)]
+    out = {}
+    for label, g in summary.groupby("row", sort=False):
+        x = g.set_index("method")
+        out[label] = [f"{x.loc[m, col]:.2f} ± {x.loc[m, col + '_ci95']:.2f}"
+                      + (f" ({x.loc[m, 'delta']:+.1f})" if delta and x.loc[m, "kind"] != "honest" else "")
+                      for m in methods]
+    if col == "reported":
+        out["paper (Table I/II)"] = [f"{PAPER[m]:.2f}" for m in methods]
+    return pd.DataFrame.from_dict(out, orient="index", columns=methods)
+
+
+def read_audit(folder: Path) -> tuple[pd.DataFrame, dict]:
+    """(audit.csv, fig10.json) of an audit folder."""
+    from .runs import read_json
+
+    folder = Path(folder)
+    if not (folder / "audit.csv").is_file():
+        raise ConfigError(f"{folder} is not an audit folder (no audit.csv); `cmg audit --config ...` writes one")
+    fig = read_json(folder / "fig10.json") if (folder / "fig10.json").is_file() else {"rows": {}}
+    return pd.read_csv(folder / "audit.csv"), fig
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    lines = ["| row | " + " | ".join(df.columns) + " |", "|---|" + "---|" * len(df.columns)]
+    return "\n".join(lines + [f"| {i} | " + " | ".join(r) + " |" for i, r in zip(df.index, df.values.tolist())])
+
+
 def audit_markdown(per_task: pd.DataFrame, rows: list[Row], cfg: RunConfig, wall: float) -> str:
     """audit.md: the reported-AUROC table (with the change against the honest row), the epoch-1 table, the
     paper's row, the departures in words, the highest values reached, the machine and the wall time."""
     s = audit_summary(per_task)
-    methods = [m for m in AUDIT_METHODS if m in set(s.method)]
-    head = "| row | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods)
-
-    def table(col: str, delta: bool) -> str:
-        lines = [head]
-        for r in rows:
-            cells = []
-            for m in methods:
-                x = s[(s.row == r.label) & (s.method == m)].iloc[0]
-                d = f" ({x['delta']:+.1f})" if delta and r.kind != "honest" else ""
-                cells.append(f"{x[col]:.2f} ± {x[col + '_ci95']:.2f}{d}")
-            lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-    paper = "| paper (Table I/II) | " + " | ".join(f"{PAPER[m]:.2f}" for m in methods) + " |"
+    labels = {r.label for r in rows}
     words = "\n".join(f"- `{d.name}`: {d.label}" + (f" (retrains {', '.join(d.methods) or 'every method'})"
-                                                     if d.train else "") for d in DEPARTURES
-                      if any(d.name in (r.label, r.label[2:]) for r in rows))
-    top = s.loc[s.groupby("method").reported.idxmax()]
-    best = "\n".join(f"- {r.method}: {r.reported:.2f} ± {r.reported_ci95:.2f} (row `{r.row}`; paper {PAPER[r.method]:.2f})"
-                     for r in top.itertuples())
+                                                     if d.train else "") for d in DEPARTURES if d.name in labels)
+    top = s.loc[s.groupby("method", sort=False).reported.idxmax()]
+    best = "\n".join(f"- {r.method}: {r.reported:.2f} ± {r.reported_ci95:.2f} (row `{r.row}`; paper "
+                     f"{PAPER[r.method]:.2f})" for r in top.itertuples())
     cm = s[s.method == "cmg[supcon]"]
     e1 = cm.loc[cm.epoch1.idxmax()] if len(cm) else None
     seeds = sorted(per_task.seed.unique().tolist())
     return (f"# Audit of {cfg.name}: the released protocol, one departure at a time\n\n"
             f"Tasks: seeds {seeds} ({cfg.data.name}, profile {cfg.model.profile}, e2.epochs {cfg.e2.epochs}, "
-            f"test AUROC recorded every {cfg.train.eval_every} epochs and after the first and last). Mean ± 95 % CI "
-            "over tasks of the Mahalanobis score's test AUROC; in brackets the change against the honest row (paired "
-            "by task). Rows other than the honest one use test data in a way an honest evaluation does not.\n\n"
-            f"## Reported AUROC\n\n{table('reported', True)}\n{paper}\n\n"
-            f"## After the first epoch (the paper's Fig.10: CMG ≈ {PAPER_EPOCH1:.0f})\n\n{table('epoch1', False)}\n\n"
+            f"test AUROC recorded every {cfg.train.eval_every} epochs and after the first and last: a `best_epoch` "
+            "row is the maximum over those epochs). Mean ± 95 % CI over tasks of the Mahalanobis score's test "
+            "AUROC; in brackets the change against the honest row (paired by task). Rows other than the honest one "
+            "use test data in a way an honest evaluation does not.\n\n"
+            f"## Reported AUROC\n\n{_markdown(audit_table(s))}\n\n"
+            f"## After the first epoch (the paper's Fig.10: CMG ≈ {PAPER_EPOCH1:.0f})\n\n"
+            f"{_markdown(audit_table(s, 'epoch1', delta=False))}\n\n"
             f"## Departures\n\n{words}\n\n## Highest reported value per method\n\n{best}\n"
             + (f"- after epoch 1, cmg[supcon] reaches at most {e1.epoch1:.2f} (row `{e1.row}`)\n" if e1 is not None else "")
             + f"\nWall time of this invocation: {wall:.0f} s (finished runs are reused).\n\n"
             f"Machine: {machine_description(cfg.train.device)}\n")
-

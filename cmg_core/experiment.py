@@ -17,6 +17,7 @@ import pandas as pd
 from .config import RunConfig, load_config, save_config, to_dict
 from .errors import ConfigError
 from .metrics import mean_ci
+from .protocol import departures
 from .runs import Run, write_csv, write_json
 from .methods import primary_scorer, split_key
 from .train import method_label, train_run
@@ -99,8 +100,19 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _check_experiment_config(exp_dir: Path, cfg: RunConfig) -> None:
+def protocol_words(cfg: RunConfig) -> str:
+    """'honest' or the departures the protocol section turns on, in words (next to every number of the table)."""
+    words = departures(cfg.protocol)
+    return "honest (final-epoch models, RID masks, no test captions or labels)" if not words else \
+        "**departs from the honest protocol**: " + "; ".join(words)
+
+
+def check_experiment_folder(exp_dir: Path, cfg: RunConfig) -> None:
+    """An experiment (or audit) folder is written into only when it is new, empty, or holds this config's."""
     old = exp_dir / "config.yaml"
+    if exp_dir.is_dir() and not old.is_file() and any(exp_dir.iterdir()):
+        raise ConfigError(f"{exp_dir} exists and is not an experiment folder (no config.yaml); nothing was changed - "
+                          "choose another name (--set name=...)")
     if old.is_file():
         a, b = to_dict(load_config(old)), to_dict(cfg)
         a["experiment"].pop("out_dir", None), b["experiment"].pop("out_dir", None)
@@ -113,8 +125,8 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
                    analyses: bool = True) -> Path:
     """Train (or reuse) every task, write the results table and the analysis data; returns the folder."""
     exp_dir = Path(cfg.experiment.out_dir) / cfg.name
+    check_experiment_folder(exp_dir, cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
-    _check_experiment_config(exp_dir, cfg)
     save_config(cfg, exp_dir / "config.yaml")
     t0 = time.time()
     rows, runs, mask_runs = [], {}, {}
@@ -137,7 +149,7 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
         f"Mean ± 95% CI (t distribution) over tasks with seeds {list(cfg.experiment.task_seeds)}; final-epoch "
         f"models only. Scores: mahalanobis (Eq.14, detector.n_clusters={cfg.detector.n_clusters}), knn (mean "
         f"distance to the {cfg.detector.knn_k} nearest normal training features); method raw = the frozen "
-        f"trunk's features, no training.\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
+        f"trunk's features, no training.\n\nProtocol: {protocol_words(cfg)}\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
         "(tasks finished earlier are reused, not retrained).\n\n"
         f"{split}\n\n"
         f"Machine: {machine_description(cfg.train.device)}\n")

@@ -43,6 +43,9 @@ def render() -> None:
     if run.status == "failed":
         st.error(f"This run failed: {run.info.get('error') or 'see log.txt'}")
 
+    if run.info.get("departures"):
+        st.warning("This run departs from the honest protocol, so its metrics are not honest test results: "
+                   + "; ".join(run.info["departures"]) + ". (`cmg audit` measures what each departure adds.)")
     st.subheader("Detection metrics (test set)")
     with guard("the metrics table"):
         table = metrics_table(run)

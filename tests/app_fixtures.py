@@ -280,7 +280,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGES = {"home": "", "dataset": "dataset", "masks": "masks", "latent": "latent", "dcor": "dcor",
-         "ablation": "ablation", "upload": "upload", "train": "train"}
+         "ablation": "ablation", "reproduction": "reproduction", "upload": "upload", "train": "train"}
 
 
 def ensure_chromium(timeout: int = 600) -> str | None:

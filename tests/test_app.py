@@ -24,7 +24,7 @@ from tests import app_fixtures as fx  # noqa: E402
 
 DEMO = REPO / "assets" / "demo_run"
 MAIN = str(REPO / "app" / "main.py")
-PAGES = ["home", "dataset", "masks", "latent", "dcor", "ablation", "upload", "train"]
+PAGES = ["home", "dataset", "masks", "latent", "dcor", "ablation", "reproduction", "upload", "train"]
 TITLES = {"home": "Overview", "dataset": "Dataset", "masks": "Masks: CMER & RID", "latent": "Latent space",
           "dcor": "Distance correlation", "ablation": "Ablation", "upload": "Upload images", "train": "Train"}
 
@@ -661,3 +661,29 @@ def test_stop_signals_only_processes_the_app_started(tmp_path):
         training.stop(la)
     assert training.process_alive(la.pid)
     os.killpg(la.pid, signal.SIGKILL)
+
+
+def test_reproduction_page_shows_the_audit_fig10_and_masks(tmp_path, monkeypatch):
+    from cmg_core.audit import AUDIT_METHODS, audit_rows
+
+    monkeypatch.setenv("CMG_RUNS_DIR", str(tmp_path / "runs"))
+    assert "No audit yet" in texts(open_page("reproduction"))
+    audit = tmp_path / "runs" / "toy_audit"
+    fx.make_fake_run(audit, name="task_seed0", n_per_class=10)
+    rows = audit_rows(["best_epoch", "test_captions"])
+    recs = [{"seed": s, "row": r.label, "kind": r.kind, "method": m, "reported": 70.0 + 5 * i + s, "epoch1": 60.0 + s}
+            for s in (0, 1) for i, r in enumerate(rows) for m in AUDIT_METHODS]
+    pd.DataFrame(recs).to_csv(audit / "audit.csv", index=False)
+    band = {"epoch": [1, 2, 3], "mean": [60.0, 70.0, 75.0], "ci95": [2.0, 1.0, 1.0], "tasks": 2}
+    (audit / "fig10.json").write_text(json.dumps({"rows": {r.label: {"ssd": band, "cmg[supcon]": band}
+                                                           for r in rows if r.best or r.kind == "honest"}}))
+    at = open_page("reproduction")
+    assert_clean(at)
+    body = texts(at)
+    assert "Highest CMG[supcon] value reached: **85.50" in body and "99.71" in body
+    table = at.dataframe[0].value
+    assert list(table.index)[-1] == "paper (Table I/II)" and "(+5.0)" in table.loc["best_epoch", "ssd"]
+    assert len(at.get("plotly_chart")) == 1 and at.selectbox(key="rep_row").options == \
+        ["honest protocol", "best_epoch", "+ test_captions"]
+    assert any("RID ≠ caption-guided" in m.label for m in at.metric)
+    assert len(at.get("image")) == 2  # one test image under RID's mask and under the caption-guided one

@@ -120,3 +120,18 @@ def test_run_name_is_one_folder_name(name):
 def test_ordinary_run_names_pass():
     for name in ("run", "task_seed0", "ucm-2026.12.01", "ünï", "x" * 255):
         check_run_name(name)
+
+
+def test_experiment_and_audit_folders_that_are_not_theirs_are_refused(tmp_path):
+    from cmg_core.audit import run_audit
+    from cmg_core.experiment import run_experiment
+
+    cfg = load_config(CONFIG, [f"experiment.out_dir={tmp_path}", "name=mine"])
+    _user_folder(tmp_path / "mine")
+    with pytest.raises(ConfigError, match="not an experiment folder"):
+        run_experiment(cfg, log=lambda *_: None)
+    _user_folder(tmp_path / "mine_audit")
+    with pytest.raises(ConfigError, match="not an experiment folder"):
+        run_audit(cfg, log=lambda *_: None)
+    for d in ("mine", "mine_audit"):
+        assert sorted(p.name for p in (tmp_path / d).iterdir()) == ["thesis.tex"]

@@ -12,6 +12,7 @@ import torch
 from ..config import RunConfig, load_config, to_dict
 from ..errors import ConfigError
 from ..metrics import detection_metrics
+from ..protocol import departures
 from ..runs import check_run_folder, remove_run_folder, write_csv, write_json
 
 
@@ -69,6 +70,9 @@ def score_method(run, spec, h: np.ndarray, detectors: dict) -> dict:
                    if "auroc" in metrics else "no anomalies in the test set (one-class run); ")
         run.log(f"{scored_key(spec.label, scorer)}: {ranking}threshold flags {metrics['flagged_normal']:.1f} % of "
                 f"held-out normals (target {100 * det.fpr:.0f} %)")
+        words = departures(run.cfg.protocol)
+        if words:  # said next to the number: these are not honest test results
+            metrics["departures"] = words
         out[scored_key(spec.name, scorer)] = {"scores": scores, "metrics": metrics}
     return out
 
