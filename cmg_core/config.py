@@ -27,6 +27,7 @@ class DataConfig:
     root: Optional[str] = None  # dataset folder (not needed for synthetic)
     options: dict = field(default_factory=dict)  # extra loader options, e.g. {n_per_class: 40}
     image_size: int = 128  # images are resized to image_size x image_size
+    allow_outside_root: bool = False  # images named by a captions file / list may lie outside root (links, ../)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 
 from .analysis import dcor_matrix, embed_2d
 from .config import RunConfig, mask_apply
-from .data import load_dataset
+from .data import load_data
 from .features import cached_mask_features, load_images, masked_variants, to_float
 from .train import caption_tensor
 from .train.frozen import build_trunk
@@ -102,7 +102,7 @@ def write_run_analyses(run: Run, cfg: RunConfig) -> tuple[dict, dict]:
     images, cmer = run.images(), run.cmer()
     rng = np.random.default_rng(cfg.train.seed)
     pick = np.sort(rng.choice(len(images), size=min(cfg.experiment.dcor_samples, len(images)), replace=False))
-    ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+    ds = load_data(cfg.data)
     x = to_float(load_images(ds, images["index"].values[pick], cfg.data.image_size))
     variants = masked_variants(x, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value)
     chosen = variants[torch.arange(len(pick)), torch.from_numpy(cmer.cmer_label.values[pick])]
@@ -123,7 +123,7 @@ def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_run
 
     # Fig.1 on the whole dataset: cached trunk features vs mean caption embeddings
     device = resolve_device(cfg.train.device)
-    ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+    ds = load_data(cfg.data)
     trunk = build_trunk(cfg, device)
     orig, _ = cached_mask_features(ds, trunk, cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask,
                                    cfg.cmer.soft_value, apply=mask_apply(cfg), trunk_size=cfg.model.trunk_image_size)

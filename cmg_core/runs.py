@@ -245,18 +245,28 @@ class Run:
     def images(self) -> pd.DataFrame:
         return self._csv("images.csv")
 
-    def image_paths(self) -> list[str]:
-        """Image file of each row. When the recorded files are gone (a run copied to another machine, e.g. the
-        shipped demo), the dataset is loaded again from the run's config - the synthetic set regenerates
-        deterministically - and rows are matched by image_id."""
-        df = self.images()
-        paths = df.path.astype(str).tolist()
-        if all(Path(p).is_file() for p in paths):
-            return paths
-        from .data import load_dataset
+    def recorded_paths(self) -> list[str | None]:
+        """images.csv's file of each row where it exists inside the run's dataset root (a received folder's
+        images.csv cannot point a reader elsewhere), else None."""
+        from .data.registry import inside
+        from .utils import cache_dir
 
         cfg = self.config()
-        ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+        root = cfg.data.root or cache_dir()  # synthetic images live in the cache
+        return [p if Path(p).is_file() and (cfg.data.allow_outside_root or inside(p, root)) else None
+                for p in self.images().path.astype(str)]
+
+    def image_paths(self) -> list[str]:
+        """Image file of each row. When recorded files are gone (a run copied to another machine, e.g. the
+        shipped demo) or lie outside the run's dataset root, the dataset is loaded again from the run's config -
+        the synthetic set regenerates deterministically - and rows are matched by image_id."""
+        from .data import load_data
+
+        recorded = self.recorded_paths()
+        if all(p is not None for p in recorded):
+            return recorded
+        df, cfg = self.images(), self.config()
+        ds = load_data(cfg.data)
         by_id = {it.image_id: str(it.path) for it in ds.items}
         missing = [i for i in df.image_id if i not in by_id]
         if missing:

@@ -148,7 +148,7 @@ def make_fake_run(root: str | Path, name: str = "fake_run", n_per_class: int = 6
     cfg = load_config(REPO / "configs" / "synthetic.yaml",
                       [f"name={name}", f"out_dir={Path(root)}", f"train.methods=[{','.join(methods)}]",
                        f"cmer.n_regions={m}", f"data.image_size={image_size}",
-                       f"task.normal_classes=[{','.join(NORMAL)}]"])
+                       f"task.normal_classes=[{','.join(NORMAL)}]", f"data.root={img_dir}"])
     save_config(cfg, run / "config.yaml")
     now = time.time() if created is None else created
     write_json(run / "run.json", {

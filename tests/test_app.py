@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ DEMO = REPO / "assets" / "demo_run"
 MAIN = str(REPO / "app" / "main.py")
 PAGES = ["home", "dataset", "masks", "latent", "dcor", "ablation", "reproduction", "upload", "train"]
 TITLES = {"home": "Overview", "dataset": "Dataset", "masks": "Masks: CMER & RID", "latent": "Latent space",
-          "dcor": "Distance correlation", "ablation": "Ablation", "upload": "Upload images", "train": "Train"}
+          "dcor": "Distance correlation", "ablation": "Ablation", "reproduction": "Reproduction", "upload": "Upload images", "train": "Train"}
 
 
 @pytest.fixture(scope="module")
@@ -392,8 +393,9 @@ def test_broken_run_shows_errors_not_tracebacks(tmp_path, monkeypatch):
     (run / "cmer.csv").write_text("not,a\ncmer")
     (run / "metrics.json").write_text("{ not json")
     Path(pd.read_csv(run / "images.csv")["path"][0]).unlink()
-    cfg = (run / "config.yaml").read_text().replace("name: synthetic\n  root: null", "name: folder\n  root: /nonexistent")
-    (run / "config.yaml").write_text(cfg)  # the missing image cannot be found again by reloading the dataset
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["name"] = "folder"  # its root holds no captions file: the missing image cannot be found again
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("CMG_RUNS_DIR", str(root))
     for page in PAGES:
         at = open_page(page)

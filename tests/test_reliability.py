@@ -135,3 +135,59 @@ def test_experiment_and_audit_folders_that_are_not_theirs_are_refused(tmp_path):
         run_audit(cfg, log=lambda *_: None)
     for d in ("mine", "mine_audit"):
         assert sorted(p.name for p in (tmp_path / d).iterdir()) == ["thesis.tex"]
+
+
+# --- contained paths ------------------------------------------------------------------------------------
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("form", ["absolute", "dotdot", "link"])
+def test_captions_naming_files_outside_the_root_are_refused(tmp_path, form, capsys):
+    from cmg_core.data import load_dataset
+
+    secret = _png(tmp_path / "private" / "x.png")
+    root = tmp_path / "ds"
+    _png(root / "Images" / "cat" / "a.png")
+    name = {"absolute": str(secret), "dotdot": "../private/x.png", "link": "cat/link.png"}[form]
+    if form == "link":
+        (root / "Images" / "cat" / "link.png").symlink_to(secret)
+    (root / "captions.csv").write_text(f"image,caption,class\ncat/a.png,a cat,cat\n{name},a secret,cat\n")
+    with pytest.raises(DataError, match="outside the dataset root"):
+        load_dataset("folder", root)
+    assert main(["data", "show", "folder", "--root", str(root)]) == 2
+    assert "outside the dataset root" in capsys.readouterr().err
+    assert len(load_dataset("folder", root, allow_outside_root=True)) == 2  # the user's explicit opt-in
+
+
+def test_imagefolder_metadata_outside_the_root_is_refused(tmp_path):
+    from cmg_core.data import load_dataset
+
+    _png(tmp_path / "x.png")
+    root = tmp_path / "ds"
+    _png(root / "train" / "a.png")
+    (root / "metadata.jsonl").write_text('{"file_name": "train/a.png", "text": "a"}\n'
+                                         '{"file_name": "../x.png", "text": "b"}\n')
+    with pytest.raises(DataError, match="outside the dataset root"):
+        load_dataset("folder", root)
+
+
+def test_a_received_run_cannot_point_readers_outside_its_dataset(tmp_path):
+    import pandas as pd
+
+    from cmg_core.runs import Run
+
+    run = tmp_path / "demo"
+    shutil.copytree(DEMO, run)
+    secret = _png(tmp_path / "secret.png")
+    images = pd.read_csv(run / "images.csv")
+    images.loc[0, "path"] = str(secret)
+    images.to_csv(run / "images.csv", index=False)
+    paths = Run.open(run).image_paths()  # row 0 is found again in the dataset, not at the named file
+    assert str(secret) not in paths and Path(paths[0]).is_file()
+    assert Run.open(run).recorded_paths()[0] is None

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 from ..errors import DataError
@@ -28,9 +29,16 @@ def dataset_names() -> list[str]:
     return list(DATASETS)
 
 
-def load_dataset(name: str, root: str | Path | None = None, **options) -> CaptionedDataset:
+def load_data(data) -> CaptionedDataset:
+    """The dataset of a `data` config section (cmg_core.config.DataConfig)."""
+    return load_dataset(data.name, data.root, allow_outside_root=data.allow_outside_root, **data.options)
+
+
+def load_dataset(name: str, root: str | Path | None = None, allow_outside_root: bool = False,
+                 **options) -> CaptionedDataset:
     """Load a dataset by registry name. `root` is required for everything but `synthetic`; for `packed` it is
-    the packed file."""
+    the packed file. Every image must lie inside `root` (links followed) unless `allow_outside_root`: a captions
+    file or list naming /etc/... or ../.. is refused before any image is read."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {dataset_names()}")
     module, func, _, needs_root = DATASETS[name]
@@ -47,4 +55,21 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Captio
         elif not root.is_dir():
             raise DataError(f"dataset root {root} does not exist or is not a folder (dataset {name!r})")
     loader = getattr(importlib.import_module(f"cmg_core.data.{module}"), func)
-    return loader(Path(root) if root is not None else None, **options)
+    ds = loader(Path(root) if root is not None else None, **options)
+    if root is not None and not allow_outside_root and name not in FILE_ROOTS:
+        check_contained(ds.paths, root, f"dataset {name!r}")
+    return ds
+
+
+def inside(path: str | Path, root: str | Path) -> bool:
+    """Whether `path` lies inside folder `root` once links and '..' are resolved."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def check_contained(paths, root: str | Path, what: str) -> None:
+    """DataError naming the first of `paths` that lies outside `root` (links and '..' resolved)."""
+    for p in paths:
+        if not inside(p, root):
+            raise DataError(f"{what}: image {p} lies outside the dataset root {root} (resolved: "
+                            f"{os.path.realpath(p)}); refusing to read it - set data.allow_outside_root: true "
+                            "if the files are yours")

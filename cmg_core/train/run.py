@@ -27,7 +27,7 @@ from torch import nn
 from .. import distributed as D
 from ..cmle import cmle_weights, fit_caption_clusters
 from ..config import RunConfig, mask_apply, save_config
-from ..data import load_dataset, make_task
+from ..data import load_data, make_task
 from ..detector import detector_from_state
 from ..errors import CMGError, ConfigError, DataError
 from ..features import load_images, to_float
@@ -179,10 +179,10 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if self.main:  # rank 0 first: generating a dataset cache is not safe to do concurrently
-            self.ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+            self.ds = load_data(cfg.data)
         D.barrier()
         if not self.main:
-            self.ds = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+            self.ds = load_data(cfg.data)
         t = self.task = make_task(self.ds, cfg.task.normal_classes, cfg.task.n_normal, cfg.task.seed,
                                   cfg.task.holdout)
         self.rows = np.concatenate([t.train_idx, t.test_idx])
