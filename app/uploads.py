@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from cmg_core.errors import CMGError, DataError
+from cmg_core.data.images import FORMATS, open_image
 
 log = logging.getLogger("cmg.app")
 
@@ -70,7 +71,7 @@ def decode_upload(name: str, data: bytes) -> tuple[Image.Image | None, list[str]
         return None, [], f"{name} is {_mib(len(data))}, larger than the {_mib(MAX_BYTES)} accepted per file."
     notes: list[str] = []
     try:  # header only: which conversion will open_image do?
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
             mode = probe.mode
             if mode == "P" and "transparency" in probe.info:
                 mode = "PA"
@@ -78,8 +79,6 @@ def decode_upload(name: str, data: bytes) -> tuple[Image.Image | None, list[str]
                 notes.append(f"{name} {MODE_NOTES[mode]}.")
     except Exception:  # noqa: BLE001 - open_image below gives the real message
         pass
-    from cmg_core.data.images import open_image
-
     try:
         img = open_image(io.BytesIO(data), name=name)
     except DataError as exc:

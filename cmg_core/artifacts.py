@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .utils import atomic_path
+from .utils import atomic_path, load_npz
 
 FORMAT = 2
 
@@ -58,12 +58,13 @@ def load_model(path: Path) -> tuple[dict, dict[str, dict], dict]:
         if legacy.is_file():
             raise DataError(legacy_message(legacy))
         raise DataError(f"{path} is missing; the run folder is incomplete (was training interrupted?)")
+    data = load_npz(path)
+    if "meta" not in data:
+        raise DataError(f"{path} is not a model file written by this tool (no meta entry)")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except ValueError as exc:  # an object array would need pickle
-        raise DataError(f"{path} holds pickled objects, which are not loaded: {exc}") from exc
-    meta = json.loads(str(data.pop("meta")))
+        meta = json.loads(str(data.pop("meta")))
+    except ValueError as exc:
+        raise DataError(f"{path}: its meta entry is not valid JSON ({exc})") from exc
     weights = {k[len("model/"):]: torch.from_numpy(np.array(v)) for k, v in data.items() if k.startswith("model/")}
     dets: dict[str, dict] = {}
     for k, v in data.items():

@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .experiment import check_experiment_folder, task_config
 from .metrics import mean_ci
 from .protocol import Scoring, auroc_key
-from .runs import Run, check_run_folder, write_csv, write_json
+from .runs import Run, check_run_folder, write_csv, write_json, write_text
 from .train import train_run
 from .train.evaluate import history_records
 from .utils import atomic_path, machine_description
@@ -190,8 +190,7 @@ def _write_tables(exp_dir: Path, per_task: pd.DataFrame, curves: dict, rows: lis
     write_json(exp_dir / "fig10.json", fig10)
     write_fig10_html(exp_dir, fig10)
     text = audit_markdown(per_task, rows, cfg, wall)
-    with atomic_path(exp_dir / "audit.md") as tmp:
-        tmp.write_text(text)
+    write_text(exp_dir / "audit.md", text)
     return text
 
 

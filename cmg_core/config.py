@@ -368,6 +368,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return tuple(value)
         raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
     if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and inner[0] in (int, float, str, bool):  # Optional[int] and the like: typed too
+            return _coerce(inner[0], value, key)
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -376,6 +381,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             raise ConfigError(f"config key {key!r} expects a number (float), got {value!r}") from None
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} expects {tp.__name__}, got {value!r}")
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"config key {key!r} expects {tp.__name__}, got {value!r}")
     return value

@@ -18,7 +18,7 @@ from .config import RunConfig, load_config, save_config, to_dict
 from .errors import ConfigError
 from .metrics import mean_ci
 from .protocol import departures
-from .runs import Run, write_csv, write_json
+from .runs import Run, write_csv, write_json, write_text
 from .methods import primary_scorer, split_key
 from .train import method_label, train_run
 from .utils import machine_description
@@ -144,7 +144,7 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
     write_csv(exp_dir / "results.csv", per_task)
     write_csv(exp_dir / "summary.csv", summary)
     wall = time.time() - t0
-    (exp_dir / "results.md").write_text(
+    write_text(exp_dir / "results.md",
         f"# {cfg.name}: {len(runs)} tasks ({cfg.data.name}, profile {cfg.model.profile})\n\n"
         f"Mean ± 95% CI (t distribution) over tasks with seeds {list(cfg.experiment.task_seeds)}; final-epoch "
         f"models only. Scores: mahalanobis (Eq.14, detector.n_clusters={cfg.detector.n_clusters}), knn (mean "

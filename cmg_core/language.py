@@ -14,6 +14,7 @@ captions are less similar, and its words and cluster say what it resembles.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from .errors import DataError
 from .scoring import l2_normalize
-from .utils import atomic_path
+from .utils import atomic_path, load_npz
 
 
 @dataclass
@@ -73,8 +74,11 @@ class LanguageExplainer:
 
     @classmethod
     def load(cls, path: Path) -> "LanguageExplainer":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(**{k: z[k] for k in z.files})
+        data = load_npz(path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != names:
+            raise DataError(f"{path} is not a language explainer written by this tool (entries {sorted(data)})")
+        return cls(**data)
 
 
 def build_explainer(weight: np.ndarray, bias: np.ndarray, caption_mean: np.ndarray, captions: list[list[str]],

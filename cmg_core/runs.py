@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
-from .utils import atomic_path
+from .utils import atomic_path, load_npy, read_bounded_text
 
 RUN_FILES = ("config.yaml", "run.json", "images.csv", "cmer.csv", "scores.csv", "metrics.json", "history.jsonl")
 
@@ -120,8 +120,8 @@ def method_slug(method: str) -> str:
 
 # --- writing -----------------------------------------------------------------------------------------
 
-def write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
+def write_json(path: Path, data: Any, durable: bool = True) -> None:
+    with atomic_path(path, durable) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=_json_default))
 
 
@@ -135,6 +135,11 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> None:
@@ -165,7 +170,8 @@ class RunWriter:
 
     def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
         write_json(self.path / "progress.json",
-                   {"stage": stage, "done": int(done), "total": int(total), "message": message, "time": time.time()})
+                   {"stage": stage, "done": int(done), "total": int(total), "message": message, "time": time.time()},
+                   durable=False)  # rewritten every step; a live view only
 
     def log(self, message: str) -> None:
         with open(self.path / "log.txt", "a") as fh:
@@ -194,7 +200,7 @@ class RunWriter:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_bounded_text(path))
     except FileNotFoundError as exc:
         raise DataError(f"{path} does not exist") from exc
     except json.JSONDecodeError as exc:
@@ -288,7 +294,10 @@ class Run:
         p = self.path / "history.jsonl"
         if not p.is_file():
             return pd.DataFrame()
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in read_bounded_text(p).splitlines() if line.strip()]
+        except ValueError as exc:
+            raise DataError(f"{p} is not valid JSON lines: {exc}") from exc
         return pd.DataFrame(rows)
 
     def progress(self) -> dict:
@@ -303,7 +312,7 @@ class Run:
         p = self.path / "embeddings" / f"{method_slug(method)}.npy"
         if not p.is_file():
             raise DataError(f"run {self.path} has no embeddings for method {method!r} (have: {self.methods})")
-        return np.load(p)
+        return load_npy(p)
 
     def analysis(self, name: str) -> Any:
         """Data of an analysis figure written by `cmg experiment` (analysis/<name>.json), or None."""

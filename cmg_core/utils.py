@@ -1,16 +1,18 @@
-"""Small shared helpers: seeding, device and trunk-precision choice, cache location, atomic file writes."""
+"""Small shared helpers: seeding, device and trunk-precision choice, cache location, atomic file writes, bounded
+reading of archives and JSON from folders other people send."""
 from __future__ import annotations
 
 import contextlib
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -123,10 +125,12 @@ def _new_file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `target`; it replaces `target` only if the block succeeds.
 
-    Used for every file the project writes, so an interrupted write never leaves a half file.
+    Used for every file the project writes, so an interrupted write never leaves a half file; `durable` also
+    flushes the file and its folder to disk (fsync) before and after the rename, so a power cut cannot leave an
+    empty file in its place (off for files rewritten constantly, e.g. progress.json).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,10 +140,28 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, _new_file_mode())  # mkstemp's 0600 would hide run folders from a colleague or the app
+        if durable:
+            _fsync(tmp_path)
         os.replace(tmp_path, target)
+        if durable:
+            _fsync(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (folders cannot be opened for this on some systems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def machine_description(device: str = "auto") -> str:
@@ -160,3 +182,51 @@ def machine_description(device: str = "auto") -> str:
     if device != "cpu" and torch.cuda.is_available():
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     return "; ".join(parts)
+
+
+MAX_ARCHIVE_BYTES = 8 << 30  # what one .npz of a run folder or packed file may decompress to
+MAX_JSON_BYTES = 256 << 20  # a run folder's JSON / JSONL file
+
+
+def check_archive(path: str | Path, limit: int | None = None) -> None:
+    """DataError unless `path` is a zip (.npz) archive whose members add up to at most `limit` bytes once
+    decompressed. Read from the archive's directory before anything is decompressed (zipfile never inflates a
+    member past its declared size): a zip bomb is refused at once. limit None: MAX_ARCHIVE_BYTES."""
+    limit = MAX_ARCHIVE_BYTES if limit is None else limit
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(i.file_size for i in zf.infolist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a readable .npz archive ({exc})") from exc
+    if total > limit:
+        raise DataError(f"{path} would decompress to {total / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB "
+                        "accepted; refusing to read it")
+
+
+def load_npz(path: str | Path, limit: int | None = None) -> dict:
+    """{member: array} of an .npz archive, bounded (`check_archive`) and without pickle (DataError otherwise)."""
+    check_archive(path, limit)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as exc:  # an object array would need pickle
+        raise DataError(f"{path} holds pickled objects, which are not loaded: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} could not be read as .npz ({exc})") from exc
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """An .npy array whose header agrees with the file's size (memory-mapped first: a header claiming more data
+    than the file holds is an error, not an allocation), without pickle."""
+    try:
+        return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a valid .npy array ({exc})") from exc
+
+
+def read_bounded_text(path: str | Path, limit: int = MAX_JSON_BYTES) -> str:
+    """A text file of at most `limit` bytes (DataError naming it otherwise)."""
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise DataError(f"{path} is {size / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB accepted")
+    return Path(path).read_text()

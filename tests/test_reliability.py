@@ -191,3 +191,113 @@ def test_a_received_run_cannot_point_readers_outside_its_dataset(tmp_path):
     paths = Run.open(run).image_paths()  # row 0 is found again in the dataset, not at the named file
     assert str(secret) not in paths and Path(paths[0]).is_file()
     assert Run.open(run).recorded_paths()[0] is None
+
+
+# --- bounded inputs -----------------------------------------------------------------------------------------
+
+def test_image_decoding_uses_only_the_allowed_formats(tmp_path, monkeypatch):
+    import io
+
+    from PIL import EpsImagePlugin, Image
+
+    from app.uploads import decode_upload
+    from cmg_core.data.images import open_image
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    (tmp_path / "x.png").write_bytes(eps)  # a misleading name does not matter: the content decides
+    with pytest.raises(DataError, match="could not be decoded"):
+        open_image(tmp_path / "x.png")
+    img, _, error = decode_upload("x.eps", eps)
+    assert img is None and "could not be decoded" in error and not called
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "GIF")
+    with pytest.raises(DataError, match="could not be decoded"):
+        open_image(io.BytesIO(buf.getvalue()))
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "JPEG")
+    assert open_image(io.BytesIO(buf.getvalue())).size == (4, 4)
+
+
+def test_a_zip_bomb_npz_member_is_refused_quickly(tmp_path, monkeypatch):
+    import time
+    import zipfile
+
+    from cmg_core import utils
+    from cmg_core.artifacts import load_model
+
+    bomb = tmp_path / "models" / "ssd.npz"
+    bomb.parent.mkdir()
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model/x.npy", b"\0" * (64 << 20))  # 64 MiB of zeros in a few dozen KiB
+    assert bomb.stat().st_size < 1 << 20
+    monkeypatch.setattr(utils, "MAX_ARCHIVE_BYTES", 16 << 20)
+    t = time.time()
+    with pytest.raises(DataError, match="decompress to 64 MiB, more than the 16 MiB"):
+        load_model(bomb)
+    assert time.time() - t < 1.0  # refused from the archive's directory, nothing inflated
+
+
+def test_run_folder_arrays_and_json_are_checked(tmp_path):
+    import numpy as np
+
+    from cmg_core.runs import Run
+    from cmg_core.utils import load_npy, read_bounded_text
+
+    run = tmp_path / "demo"
+    shutil.copytree(DEMO, run)
+    emb = next((run / "embeddings").glob("*.npy"))
+    header = emb.read_bytes()[:128].replace(b"(", b"(9999999", 1)  # a header claiming far more rows
+    emb.write_bytes(header + emb.read_bytes()[128:])
+    with pytest.raises(DataError, match="not a valid .npy"):
+        load_npy(emb)
+    (run / "history.jsonl").write_text("{broken\n")
+    with pytest.raises(DataError, match="not valid JSON lines"):
+        Run.open(run).history()
+    (tmp_path / "big.json").write_text(" " * 2048)
+    with pytest.raises(DataError, match="MiB accepted"):
+        read_bounded_text(tmp_path / "big.json", limit=1024)
+    np.save(tmp_path / "ok.npy", np.arange(3))
+    assert load_npy(tmp_path / "ok.npy").tolist() == [0, 1, 2]
+
+
+def test_writes_are_atomic_and_flushed(tmp_path, monkeypatch):
+    import os
+
+    from cmg_core import utils
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(utils.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    target = tmp_path / "run.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    with utils.atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert synced[-1] == str(tmp_path) and synced[-2].startswith(str(tmp_path / ".run.json."))
+
+
+# --- what the first fuzz run found --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override", ["cmle.n_neighbors=abc", "cmle.n_neighbors=[3]", "e2.epochs=true",
+                                      "task.n_normal=two"])
+def test_optional_and_numeric_keys_are_typed(override):
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(CONFIG, [override])
+    assert load_config(CONFIG, ["cmle.n_neighbors=null"]).cmle.n_neighbors is None
+
+
+def test_a_caption_row_with_a_very_long_file_name_is_a_clear_error(tmp_path):
+    from cmg_core.data import load_dataset
+
+    root = tmp_path / "ds"
+    _png(root / "Images" / "cat" / "a.png")
+    (root / "captions.csv").write_text("image,caption\ncat/a.png,a cat\n" + "x" * 5000 + ".png,long\n")
+    with pytest.raises(DataError, match="not a usable file name"):
+        load_dataset("folder", root)

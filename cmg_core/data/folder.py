@@ -184,7 +184,12 @@ def _resolve_image(image: str, root: Path, where: str) -> Path:
     given = Path(image)
     candidates = [given] if given.is_absolute() else [root / given, root / IMAGES_DIR / given]
     for cand in candidates:
-        if cand.is_file():
+        try:
+            found = cand.is_file()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise DataError(f"{where}: image {image[:80]!r}{'...' if len(image) > 80 else ''} is not a usable file "
+                            f"name ({exc.strerror or exc})") from exc
+        if found:
             if cand.suffix.lower() not in IMAGE_EXTS:
                 raise DataError(f"{where}: {cand} is not an image file; expected one of {list(IMAGE_EXTS)}")
             return _abs(cand)

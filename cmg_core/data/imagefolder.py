@@ -91,7 +91,11 @@ def load_imagefolder(root: Path, caption_column: str | None = None) -> Captioned
             raise DataError(f"{where}: empty file_name")
         rel = Path(name.strip())
         path = root / rel
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise DataError(f"{where}: file_name {name[:80]!r} is not a usable file name ({exc.strerror or exc})") from exc
+        if not exists:
             raise DataError(f"{where}: image {path} does not exist")
         if path.suffix.lower() not in IMAGE_EXTS:
             raise DataError(f"{where}: {path} is not an image file; expected one of {list(IMAGE_EXTS)}")

@@ -10,6 +10,9 @@ from ..errors import DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MAX_PIXELS = 64_000_000  # refuse decompression bombs; 8000 x 8000
+# the only decoders Pillow may use on uploads and dataset files (never EPS/PDF through Ghostscript, nor any other
+# plug-in)
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
@@ -48,7 +51,7 @@ def open_image(source, name: str | None = None) -> Image.Image:
         if path.stat().st_size == 0:
             raise DataError(f"image file {path} is empty (0 bytes); expected an image")
     try:
-        with Image.open(source) as img:
+        with Image.open(source, formats=FORMATS) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise DataError(
                     f"{label}: {img.width}x{img.height} pixels is larger than the {MAX_PIXELS} pixels accepted"

@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..utils import atomic_path
+from ..utils import atomic_path, check_archive
 from .types import CaptionedDataset, CaptionedImage
 
 FORMAT = "cmg-packed"
@@ -273,7 +273,10 @@ def _open(file: Path):
     if not file.is_file():
         raise DataError(f"packed dataset {file} is not a file; expected a file written by `cmg data pack`")
     try:
+        check_archive(file)
         return np.load(file, allow_pickle=False)
+    except DataError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{file} is not a packed dataset file (could not be read as .npz: {exc}); expected a "
                         "file written by `cmg data pack`") from exc
