@@ -23,11 +23,12 @@ from tests import app_fixtures as fx  # noqa: E402
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 TITLES = {"home": "Overview", "dataset": "Dataset", "masks": "Masks: CMER & RID", "latent": "Latent space",
-          "dcor": "Distance correlation", "ablation": "Ablation", "upload": "Upload images", "train": "Train"}
+          "dcor": "Distance correlation", "ablation": "Ablation", "reproduction": "Reproduction",
+          "upload": "Upload images", "train": "Train"}
 # something that only appears once the page's content (not just its title) is there
 READY = {"home": "Detection metrics", "dataset": "Image grid", "masks": "RID training", "latent": "Selected images",
-         "dcor": "Paper Fig. 5", "ablation": "Fig. 9", "upload": "Upload one or more images",
-         "train": "Runs started here"}
+         "dcor": "Paper Fig. 5", "ablation": "Fig. 9", "reproduction": "No audit yet",
+         "upload": "Upload one or more images", "train": "Runs started here"}
 
 
 @pytest.fixture(scope="module")

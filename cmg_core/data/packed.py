@@ -273,13 +273,12 @@ def _open(file: Path):
     if not file.is_file():
         raise DataError(f"packed dataset {file} is not a file; expected a file written by `cmg data pack`")
     try:
-        check_archive(file)
-        return np.load(file, allow_pickle=False)
-    except DataError:
-        raise
+        z = np.load(file, allow_pickle=False)  # reads the archive's directory only
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{file} is not a packed dataset file (could not be read as .npz: {exc}); expected a "
                         "file written by `cmg data pack`") from exc
+    check_archive(file)  # before any member is inflated
+    return z
 
 
 def _meta(z, file: Path) -> dict:

@@ -33,9 +33,8 @@ from ..errors import CMGError, ConfigError, DataError
 from ..features import load_images, to_float
 from ..masks import grid_masks
 from ..protocol import Scoring, departures, run_scoring, scoring_masks
-from ..models import RID
 from ..runs import RunWriter, method_slug, write_csv, write_npy
-from ..stages import mean_caption_embedding, rid_predict, rid_validation, train_rid, train_rid_selected_on
+from ..stages import mean_caption_embedding
 from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
@@ -44,6 +43,7 @@ from .baselines import (cmda_pairs, fit_detectors, untrained_features, untrained
                         write_language_explainer)
 from .objective import build_guidance
 from .evaluate import epoch_evaluator, report_best_epoch, scored_features
+from .rid import rid_stage
 from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, score_method,
                       write_results)
 
@@ -249,54 +249,9 @@ class Run:
                  f" (M={m})")
 
     def rid(self) -> None:
-        out = self._rid_main() if self.main else None
+        out = rid_stage(self) if self.main else None
         self.rid_probs, self.rid_test_choice = D.broadcast_object(out)
         self.rid_choice = self.rid_probs.argmax(1)
-
-    def _rid_main(self) -> tuple[np.ndarray, np.ndarray | None]:
-        cfg, n = self.cfg, self.n_train
-        masked, orig = self.rid_masked, self.rid_orig
-        path = model_path(self.models, "rid")
-        rid = RID(masked.shape[-1], tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-        if path.is_file():
-            rid.load_state_dict(load_model(path)[0])
-        else:
-            val = rid_validation(n, cfg.cmer, self.stage_seed(2))
-            state, save = self.checkpoint("rid", "rid")
-            rid = train_rid(masked[:n], orig[:n], torch.from_numpy(self.cmer_label[:n]).long(), val,
-                            cfg.cmer, self.stage_seed(2), on_epoch=self.epoch_cb(cfg.cmer.rid_epochs, "RID"),
-                            state=state, on_checkpoint=save)
-            self.save_model(path, rid.state_dict())
-        probs = rid_predict(rid, masked, orig).numpy()
-        m = cfg.cmer.n_regions
-        cols = {f"e1_score_{j}": self.e1_scores[:, j] for j in range(m)}
-        cols.update({f"rid_prob_{j}": probs[:, j] for j in range(m)})
-        choice = probs.argmax(1)
-        test_choice = self._rid_test_choice(masked, orig) if self._needs_rid_test() else None
-        extra = {"rid_test_choice": test_choice} if test_choice is not None else {}
-        write_csv(self.run_dir / "cmer.csv", pd.DataFrame({
-            "row": np.arange(len(self.rows)), "role": self.roles, **cols, "cmer_label": self.cmer_label,
-            "rid_choice": choice, "agree": (self.cmer_label == choice).astype(int), **extra}))
-        return probs, test_choice
-
-    def _needs_rid_test(self) -> bool:
-        return any(s.uses_rid_test for s in (self.scoring, *self.extra_scorings))
-
-    def _rid_test_choice(self, masked: torch.Tensor, orig: torch.Tensor) -> np.ndarray:
-        """(R,) the choice of RID's epoch most accurate on the normal test images against their CMER labels (own
-        captions): the released code's checkpoint selection (protocol.rid_select: test). Retrained from scratch
-        with the honest RID's seed; models/rid_test.npz."""
-        cfg, n = self.cfg, self.n_train
-        path = model_path(self.models, "rid_test")
-        rid = RID(masked.shape[-1], tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-        if path.is_file():
-            rid.load_state_dict(load_model(path)[0])
-        else:
-            normal_test = np.flatnonzero((self.is_anomaly == 0) & (np.arange(len(self.rows)) >= n))
-            rid = train_rid_selected_on(masked, orig, torch.from_numpy(self.cmer_label).long(), n, normal_test,
-                                        cfg.cmer, self.stage_seed(2), rid_validation(n, cfg.cmer, self.stage_seed(2)))
-            self.save_model(path, rid.state_dict())
-        return rid_predict(rid, masked, orig).numpy().argmax(1)
 
     def scoring_masks(self, spec: MethodSpec, scoring: Scoring) -> np.ndarray | None:
         """(R,) the mask index of each row when `spec`'s features are scored under `scoring` (-1 unmasked)."""
