@@ -108,14 +108,17 @@ def protocol_words(cfg: RunConfig) -> str:
 
 
 def check_experiment_folder(exp_dir: Path, cfg: RunConfig) -> None:
-    """An experiment (or audit) folder is written into only when it is new, empty, or holds this config's."""
+    """An experiment (or audit) folder is written into only when it is new, empty, or holds this config's (up to
+    experiment.out_dir and experiment.task_seeds: tasks are run folders of their own, so a table of more or fewer
+    tasks reuses the finished ones)."""
     old = exp_dir / "config.yaml"
     if exp_dir.is_dir() and not old.is_file() and any(exp_dir.iterdir()):
         raise ConfigError(f"{exp_dir} exists and is not an experiment folder (no config.yaml); nothing was changed - "
                           "choose another name (--set name=...)")
     if old.is_file():
         a, b = to_dict(load_config(old)), to_dict(cfg)
-        a["experiment"].pop("out_dir", None), b["experiment"].pop("out_dir", None)
+        for d in (a, b):
+            d["experiment"].pop("out_dir", None), d["experiment"].pop("task_seeds", None)
         if a != b:
             raise ConfigError(f"experiment folder {exp_dir} holds an experiment with a different config; "
                               "choose another name (--set name=...) or remove the folder")

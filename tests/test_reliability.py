@@ -301,3 +301,14 @@ def test_a_caption_row_with_a_very_long_file_name_is_a_clear_error(tmp_path):
     (root / "captions.csv").write_text("image,caption\ncat/a.png,a cat\n" + "x" * 5000 + ".png,long\n")
     with pytest.raises(DataError, match="not a usable file name"):
         load_dataset("folder", root)
+
+
+def test_an_experiment_folder_takes_more_or_fewer_tasks_of_the_same_config(tmp_path):
+    from cmg_core.config import save_config
+    from cmg_core.experiment import check_experiment_folder
+
+    cfg = load_config(CONFIG, ["experiment.task_seeds=[0, 1]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    check_experiment_folder(tmp_path, load_config(CONFIG, ["experiment.task_seeds=[0]"]))
+    with pytest.raises(ConfigError, match="different config"):
+        check_experiment_folder(tmp_path, load_config(CONFIG, ["e2.epochs=3"]))
