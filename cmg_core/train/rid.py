@@ -17,17 +17,13 @@ def rid_stage(run) -> tuple[np.ndarray, np.ndarray | None]:
     """(RID's probabilities (R, M), the test-selected RID's choice (R,) or None) of every row; writes cmer.csv."""
     cfg, n = run.cfg, run.n_train
     masked, orig = run.rid_masked, run.rid_orig
-    path = model_path(run.models, "rid")
-    rid = RID(masked.shape[-1], tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-    if path.is_file():
-        rid.load_state_dict(load_model(path)[0])
-    else:
-        val = rid_validation(n, cfg.cmer, run.stage_seed(2))
+
+    def train():
         state, save = run.checkpoint("rid", "rid")
-        rid = train_rid(masked[:n], orig[:n], torch.from_numpy(run.cmer_label[:n]).long(), val,
-                        cfg.cmer, run.stage_seed(2), on_epoch=run.epoch_cb(cfg.cmer.rid_epochs, "RID"),
-                        state=state, on_checkpoint=save)
-        run.save_model(path, rid.state_dict())
+        return train_rid(masked[:n], orig[:n], torch.from_numpy(run.cmer_label[:n]).long(),
+                         rid_validation(n, cfg.cmer, run.stage_seed(2)), cfg.cmer, run.stage_seed(2),
+                         on_epoch=run.epoch_cb(cfg.cmer.rid_epochs, "RID"), state=state, on_checkpoint=save)
+    rid = _load_or_train(run, "rid", masked.shape[-1], train)
     probs = rid_predict(rid, masked, orig).numpy()
     m = cfg.cmer.n_regions
     cols = {f"e1_score_{j}": run.e1_scores[:, j] for j in range(m)}
@@ -47,13 +43,20 @@ def rid_test_choice(run, masked: torch.Tensor, orig: torch.Tensor) -> np.ndarray
     captions): the released code's checkpoint selection. Retrained from scratch with the honest RID's seed;
     models/rid_test.npz."""
     cfg, n = run.cfg, run.n_train
-    path = model_path(run.models, "rid_test")
-    rid = RID(masked.shape[-1], tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-    if path.is_file():
-        rid.load_state_dict(load_model(path)[0])
-    else:
-        normal_test = np.flatnonzero((run.is_anomaly == 0) & (np.arange(len(run.rows)) >= n))
-        rid = train_rid_selected_on(masked, orig, torch.from_numpy(run.cmer_label).long(), n, normal_test,
-                                    cfg.cmer, run.stage_seed(2), rid_validation(n, cfg.cmer, run.stage_seed(2)))
-        run.save_model(path, rid.state_dict())
+    normal_test = np.flatnonzero((run.is_anomaly == 0) & (np.arange(len(run.rows)) >= n))
+    rid = _load_or_train(run, "rid_test", masked.shape[-1], lambda: train_rid_selected_on(
+        masked, orig, torch.from_numpy(run.cmer_label).long(), n, normal_test, cfg.cmer, run.stage_seed(2),
+        rid_validation(n, cfg.cmer, run.stage_seed(2))))
     return rid_predict(rid, masked, orig).numpy().argmax(1)
+
+
+def _load_or_train(run, name: str, feature_dim: int, train) -> RID:
+    """models/<name>.npz when the run has it (a resumed run), else `train()`'s RID, saved there."""
+    cfg, path = run.cfg, model_path(run.models, name)
+    if not path.is_file():
+        rid = train()
+        run.save_model(path, rid.state_dict())
+        return rid
+    rid = RID(feature_dim, tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
+    rid.load_state_dict(load_model(path)[0])
+    return rid
