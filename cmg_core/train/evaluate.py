@@ -15,6 +15,7 @@ import numpy as np
 from ..methods import MethodSpec, primary_scorer, scored_key
 from ..metrics import detection_metrics
 from ..protocol import Scoring, auroc_key, class_pure_groups, evaluated_epoch
+from ..utils import read_bounded_text
 from .baselines import fit_detectors
 
 
@@ -102,7 +103,7 @@ def history_records(run_dir, method: str) -> list[dict]:
     path = run_dir / "history.jsonl"
     if not path.is_file():
         return []
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in read_bounded_text(path).splitlines() if line.strip()]
     return sorted((r for r in recs if r.get("stage") == "e2" and r.get("method") == method), key=lambda r: r["epoch"])
 
 
