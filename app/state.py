@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from app.uploads import SharedPredictor
 from cmg_core.errors import DataError
 from cmg_core.runs import Run, find_runs, method_slug
 
@@ -346,9 +347,13 @@ class RunData:
                 "test anomaly": int((test & (df["is_anomaly"] == 1)).sum())}
 
 
-@st.cache_resource(show_spinner=False)
-def predictor_for(run_path: str, token: int):
-    """The run's Predictor (cmg_core.predict.Predictor.load), loaded once per run folder version.
+PREDICTORS = 4  # run folders whose models stay loaded at once (least recently used out)
+
+
+@st.cache_resource(show_spinner=False, max_entries=PREDICTORS)
+def predictor_for(run_path: str, token: int) -> SharedPredictor:
+    """The run's Predictor (cmg_core.predict.Predictor.load), loaded once per run folder version and shared by
+    every session behind a lock (app.uploads.SharedPredictor).
 
     `CMG_APP_PREDICTOR=module:Class` swaps in another class with the same interface (tests, bench).
     """
@@ -363,7 +368,7 @@ def predictor_for(run_path: str, token: int):
             from cmg_core.predict import Predictor as cls
         except ImportError as exc:
             raise DataError(f"the prediction API (cmg_core.predict.Predictor) is not available: {exc}") from exc
-    return cls.load(run_path)
+    return SharedPredictor(cls.load(run_path))
 
 
 def get_predictor(run: RunData):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -23,6 +25,7 @@ from cmg_core.data.images import FORMATS, open_image
 log = logging.getLogger("cmg.app")
 
 MAX_BYTES = 50 * 1024 * 1024  # per uploaded file
+MAX_FILES = 32  # scored per batch; the cache of a session holds at most this many results
 
 MODE_NOTES = {
     "RGBA": "has an alpha channel (RGBA): transparency was composited on white and the image converted to RGB",
@@ -53,6 +56,50 @@ class UploadResult:
     @property
     def methods(self) -> list[str]:
         return list((self.result or {}).get("scores", {}))
+
+
+class SharedPredictor:
+    """One run's Predictor, shared by every session of the app: scoring calls run one at a time under a lock,
+    so sessions scoring at once never interleave inside the model (its modules, buffers and RNG)."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.lock = threading.Lock()
+
+    def explain(self, image):
+        with self.lock:
+            return self.predictor.explain(image)
+
+
+class UploadCache:
+    """A session's scored uploads, keyed by (run, file name, content digest): least recently used first out,
+    at most `max_entries`, and `keep(keys)` drops what is no longer uploaded."""
+
+    def __init__(self, max_entries: int = MAX_FILES):
+        self.max_entries = int(max_entries)
+        self.items: OrderedDict = OrderedDict()
+
+    def __contains__(self, key) -> bool:
+        return key in self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+        return self.items.get(key)
+
+    def put(self, key, result: "UploadResult") -> None:
+        self.items[key] = result
+        self.items.move_to_end(key)
+        while len(self.items) > self.max_entries:
+            self.items.popitem(last=False)
+
+    def keep(self, keys) -> None:
+        keys = set(keys)
+        for key in [k for k in self.items if k not in keys]:
+            del self.items[key]
 
 
 def digest(data: bytes) -> str:

@@ -9,8 +9,8 @@ from app.components import guard, require_run
 from cmg_core.errors import CMGError
 from app.state import get_predictor
 from app.tables import train_scores
-from app.uploads import (UploadResult, chosen_overlay, digest, process_one, report_png_bytes, results_csv,
-                         threshold_of, verdict)
+from app.uploads import (MAX_FILES, UploadCache, UploadResult, chosen_overlay, digest, process_one,
+                         report_png_bytes, results_csv, threshold_of, verdict)
 
 CACHE_KEY = "upload_results"
 
@@ -91,11 +91,16 @@ def render() -> None:
     if not files:
         st.info("Upload one or more images to score them.")
         return
-    cache: dict = st.session_state.setdefault(CACHE_KEY, {})
+    if len(files) > MAX_FILES:
+        st.warning(f"{len(files)} files uploaded: the first {MAX_FILES} are scored; upload the others in another "
+                   "batch.")
+        files = files[:MAX_FILES]
+    cache: UploadCache = st.session_state.setdefault(CACHE_KEY, UploadCache())
     todo = []
     for f in files:
         data = f.getvalue()
         todo.append((f.name, data, (str(run.path), f.name, digest(data))))
+    cache.keep(ck for _, _, ck in todo)  # results of files no longer uploaded are dropped
     fresh: dict = {}
     missing = [t for t in todo if t[2] not in cache]
     if missing:
@@ -117,7 +122,7 @@ def render() -> None:
                 r.error = f"{name}: not scored because the run's models could not be loaded ({load_error})"
                 fresh[ck] = r  # not cached: a later rerun retries
             else:
-                cache[ck] = r
+                cache.put(ck, r)
         bar.empty()
     results = [cache.get(ck) or fresh[ck] for _, _, ck in todo]
     ok = sum(r.ok for r in results)

@@ -312,3 +312,67 @@ def test_an_experiment_folder_takes_more_or_fewer_tasks_of_the_same_config(tmp_p
     check_experiment_folder(tmp_path, load_config(CONFIG, ["experiment.task_seeds=[0]"]))
     with pytest.raises(ConfigError, match="different config"):
         check_experiment_folder(tmp_path, load_config(CONFIG, ["e2.epochs=3"]))
+
+
+# --- bounded, locked app caches -----------------------------------------------------------------------------
+
+def test_sessions_share_a_predictor_one_call_at_a_time():
+    import threading
+    import time
+
+    from app.uploads import SharedPredictor
+
+    class Recording:
+        active, most = 0, 0
+
+        def explain(self, image):
+            Recording.active += 1
+            Recording.most = max(Recording.most, Recording.active)
+            time.sleep(0.01)
+            Recording.active -= 1
+            return {"image": image}
+
+    shared = SharedPredictor(Recording())
+    out = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, shared.explain(i))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Recording.most == 1  # without the lock the eight calls overlap
+    assert all(out[i] == {"image": i} for i in range(8))  # each caller gets its own result
+
+
+def test_the_upload_cache_is_bounded_and_forgets_removed_files():
+    from app.uploads import UploadCache
+
+    cache = UploadCache(max_entries=3)
+    for i in range(5):
+        cache.put(("run", f"{i}.png", str(i)), i)
+    assert len(cache) == 3 and ("run", "0.png", "0") not in cache
+    cache.get(("run", "2.png", "2"))  # recently used: kept when a new one comes in
+    cache.put(("run", "5.png", "5"), 5)
+    assert ("run", "2.png", "2") in cache and ("run", "3.png", "3") not in cache
+    cache.keep([("run", "5.png", "5")])
+    assert len(cache) == 1
+
+
+def test_the_app_keeps_a_bounded_number_of_predictors(tmp_path, monkeypatch):
+    import streamlit as st
+
+    from app import state
+    from tests import app_fixtures as fx
+
+    monkeypatch.setenv("CMG_APP_PREDICTOR", "tests.app_fixtures:FakePredictor")
+    st.cache_resource.clear()
+    loaded = []
+    real = fx.FakePredictor.load.__func__
+    monkeypatch.setattr(fx.FakePredictor, "load", classmethod(lambda cls, d: loaded.append(d) or real(cls, d)))
+    for i in range(state.PREDICTORS + 2):
+        fx.make_fake_run(tmp_path, f"r{i}")
+        assert isinstance(state.predictor_for(str(tmp_path / f"r{i}"), 0), state.SharedPredictor)
+    state.predictor_for(str(tmp_path / "r0"), 0)  # the oldest was dropped: loaded again
+    assert len(loaded) == state.PREDICTORS + 3
+    state.predictor_for(str(tmp_path / f"r{state.PREDICTORS + 1}"), 0)  # a recent one is still held
+    assert len(loaded) == state.PREDICTORS + 3
+    st.cache_resource.clear()
