@@ -14,7 +14,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .utils import atomic_path, read_bounded_text
+
+MAX_CONFIG_BYTES = 4 << 20  # a YAML config file
 
 METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")  # + ssd+le[lle|supcon], cmg[lle|supcon]
 PROFILES = ("frozen", "end2end")
@@ -452,9 +455,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(read_bounded_text(path, limit=MAX_CONFIG_BYTES)) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except DataError as exc:  # not UTF-8 text, or larger than a config can be
+            raise ConfigError(f"config file {path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must contain a mapping at the top level")
         data.update(loaded)
@@ -464,7 +469,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from .utils import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

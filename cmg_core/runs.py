@@ -27,6 +27,7 @@ Layout (all paths relative to the run folder)::
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ import pandas as pd
 
 from .errors import DataError
 from .utils import atomic_path, load_npy, read_bounded_text
+
+LOG_TAIL_BYTES = 1 << 20  # read from the end of log.txt
 
 RUN_FILES = ("config.yaml", "run.json", "images.csv", "cmer.csv", "scores.csv", "metrics.json", "history.jsonl")
 
@@ -198,13 +201,39 @@ class RunWriter:
 
 # --- reading -----------------------------------------------------------------------------------------
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, expect: type | None = None) -> Any:
+    """A JSON file of a run folder (bounded), optionally checked to hold an `expect` (dict, list) at the top."""
     try:
-        return json.loads(read_bounded_text(path))
+        data = json.loads(read_bounded_text(path))
     except FileNotFoundError as exc:
         raise DataError(f"{path} does not exist") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if expect is not None and not isinstance(data, expect):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a JSON "
+                        f"{'object' if expect is dict else expect.__name__}")
+    return data
+
+
+# columns every reader of a run table relies on
+CSV_COLUMNS = {"images.csv": ("row", "image_id", "path", "role", "is_anomaly"), "scores.csv": ("row", "role"),
+               "cmer.csv": ("row", "role")}
+
+
+def check_info(info: dict, path: Path) -> dict:
+    """run.json's fields that readers use, checked: a received run.json cannot make a page crash."""
+    methods = info.get("methods", [])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise DataError(f"{path}: 'methods' is {methods!r:.60}; expected a list of method names")
+    n = info.get("n_regions", 4)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
+        raise DataError(f"{path}: 'n_regions' is {n!r:.40}; expected a whole number of mask regions")
+    for key in ("name", "status"):
+        if not isinstance(info.get(key, ""), str):
+            raise DataError(f"{path}: {key!r} is {info[key]!r:.40}; expected a string")
+    if not isinstance(info.get("created", 0), (int, float)):
+        raise DataError(f"{path}: 'created' is {info['created']!r:.40}; expected a time in seconds")
+    return info
 
 
 @dataclass
@@ -219,7 +248,7 @@ class Run:
         path = Path(path)
         if not (path / "run.json").is_file():
             raise DataError(f"{path} is not a run folder (no run.json); expected a folder written by `cmg train`")
-        return cls(path, read_json(path / "run.json"))
+        return cls(path, check_info(read_json(path / "run.json", dict), path / "run.json"))
 
     @property
     def name(self) -> str:
@@ -246,7 +275,17 @@ class Run:
         p = self.path / name
         if not p.is_file():
             raise DataError(f"run {self.path} has no {name} yet (status: {self.status})")
-        return pd.read_csv(p)
+        try:
+            df = pd.read_csv(io.StringIO(read_bounded_text(p)))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+            raise DataError(f"{p} is not a readable CSV table ({type(exc).__name__}: {exc})") from exc
+        missing = [c for c in CSV_COLUMNS.get(name, ()) if c not in df.columns]
+        if missing:
+            raise DataError(f"{p} lacks column(s) {missing}; expected a table written by `cmg train`")
+        if "row" in df.columns and (not pd.api.types.is_integer_dtype(df["row"])
+                                    or not df["row"].equals(pd.Series(range(len(df))))):
+            raise DataError(f"{p}: column 'row' is not 0, 1, 2, ...; expected a table written by `cmg train`")
+        return df
 
     def images(self) -> pd.DataFrame:
         return self._csv("images.csv")
@@ -288,7 +327,7 @@ class Run:
 
     def metrics(self) -> dict:
         p = self.path / "metrics.json"
-        return read_json(p) if p.is_file() else {}
+        return read_json(p, dict) if p.is_file() else {}
 
     def history(self) -> pd.DataFrame:
         p = self.path / "history.jsonl"
@@ -296,17 +335,24 @@ class Run:
             return pd.DataFrame()
         try:
             rows = [json.loads(line) for line in read_bounded_text(p).splitlines() if line.strip()]
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise DataError(f"{p} is not valid JSON lines: {exc}") from exc
+        if not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{p}: a line is not a JSON object; expected one record per line")
         return pd.DataFrame(rows)
 
     def progress(self) -> dict:
         p = self.path / "progress.json"
-        return read_json(p) if p.is_file() else {}
+        return read_json(p, dict) if p.is_file() else {}
 
     def log_tail(self, lines: int = 30) -> str:
         p = self.path / "log.txt"
-        return "\n".join(p.read_text().splitlines()[-lines:]) if p.is_file() else ""
+        if not p.is_file():
+            return ""
+        with open(p, "rb") as f:  # the end of the file only, however long it grew
+            f.seek(max(p.stat().st_size - LOG_TAIL_BYTES, 0))
+            text = f.read().decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
 
     def embeddings(self, method: str) -> np.ndarray:
         p = self.path / "embeddings" / f"{method_slug(method)}.npy"

@@ -229,4 +229,7 @@ def read_bounded_text(path: str | Path, limit: int = MAX_JSON_BYTES) -> str:
     size = Path(path).stat().st_size
     if size > limit:
         raise DataError(f"{path} is {size / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB accepted")
-    return Path(path).read_text()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc})") from exc

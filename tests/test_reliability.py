@@ -376,3 +376,33 @@ def test_the_app_keeps_a_bounded_number_of_predictors(tmp_path, monkeypatch):
     state.predictor_for(str(tmp_path / f"r{state.PREDICTORS + 1}"), 0)  # a recent one is still held
     assert len(loaded) == state.PREDICTORS + 3
     st.cache_resource.clear()
+
+
+# --- what the Hypothesis fuzz found (tests/fuzz_targets.py) ------------------------------------------------
+
+def test_a_config_that_is_not_utf8_text_is_a_clear_error(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"\x80name: x\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("images.csv", 'row,path\n0,"unterminated\n', "not a readable CSV table"),
+    ("images.csv", "row,role\n0,train\n", "lacks column"),
+    ("scores.csv", "row,role\n3,train\n", "not 0, 1, 2"),
+    ("run.json", "[1, 2]", "expected a JSON object"),
+    ("run.json", '{"methods": "ssd"}', "list of method names"),
+    ("run.json", '{"n_regions": "four"}', "whole number"),
+    ("metrics.json", "[]", "expected a JSON object"),
+    ("history.jsonl", "[1]\n", "not a JSON object"),
+])
+def test_damaged_files_of_a_received_run_are_clear_errors(tmp_path, name, body, message):
+    from cmg_core.runs import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(DEMO, run)
+    (run / name).write_text(body)
+    with pytest.raises(DataError, match=message):
+        opened = Run.open(run)
+        {"images.csv": opened.images, "scores.csv": opened.scores, "metrics.json": opened.metrics,
+         "history.jsonl": opened.history}[name]()
