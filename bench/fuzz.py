@@ -15,6 +15,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def main() -> int:
             try:
                 run_target(target, cases, args.seed, Path(base))
             except Exception as exc:  # noqa: BLE001 - a failing case: reported, the other targets still run
-                error = f"{type(exc).__name__}: {exc}"
+                error = "".join(traceback.format_exception(exc))[-6000:]
                 failed += 1
             row = {"target": name, "what": target.what, "cases": sum(target.stats.values()) + (error is not None),
                    "accepted": target.stats["accepted"], "refused": target.stats["refused"],
@@ -65,7 +66,7 @@ def main() -> int:
             print(f"{name:15s} cases {row['cases']:6d}  accepted {row['accepted']:6d}  refused {row['refused']:6d}  "
                   f"failed {row['failed']}  slowest {row['slowest_s']:.2f} s  wall {row['wall_s']:.0f} s", flush=True)
             if error:
-                print(f"  FAILED: {error[:3000]}", flush=True)
+                print(f"  FAILED:\n{error}", flush=True)
     print(f"total: {sum(r['cases'] for r in rows)} cases, {failed} target(s) with a failing case")
     if args.json:
         Path(args.json).write_text(json.dumps({"seed": args.seed, "cpu": cpu_name(), "targets": rows}, indent=1))

@@ -394,6 +394,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 def from_dict(cls, data: dict | None, prefix: str = ""):
     """Build dataclass `cls` from a (partial) dict; unknown keys are an error naming the key."""
     data = dict(data or {})
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"config key {prefix}{odd[0]!r} is a {type(odd[0]).__name__}; expected key names (text)")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -21,7 +21,7 @@ from PIL import Image
 from .artifacts import load_model, model_path
 from .data.images import open_image
 from .detector import detector_from_state
-from .errors import DataError
+from .errors import CMGError, DataError
 from .features import images_to_tensor, masked_variants, to_float, to_trunk_size
 from .masks import grid_masks
 from .models import RID, E2Head
@@ -57,14 +57,23 @@ class Predictor:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
-        from .train.frozen import build_trunk
-        from .train.nets import E1Image, backbone_for, build_e2
-
         run = Run.open(run_dir)
         if run.status != "done":
             raise DataError(f"run {run.path} is not finished (status: {run.status}); wait for it or pick another run")
         cfg = run.config()
-        dev = resolve_device(device)
+        try:
+            return cls._build(run, cfg, resolve_device(device))
+        except CMGError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:  # a received or damaged run
+            raise DataError(f"run {run.path}: its models do not fit its config.yaml or are damaged "
+                            f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+
+    @classmethod
+    def _build(cls, run: Run, cfg, dev: torch.device) -> "Predictor":
+        from .train.frozen import build_trunk
+        from .train.nets import E1Image, backbone_for, build_e2
+
         models = run.path / "models"
         trunk = e1_image = None
         if cfg.e1.encoder == "frozen":

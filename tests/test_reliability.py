@@ -406,3 +406,20 @@ def test_damaged_files_of_a_received_run_are_clear_errors(tmp_path, name, body, 
         opened = Run.open(run)
         {"images.csv": opened.images, "scores.csv": opened.scores, "metrics.json": opened.metrics,
          "history.jsonl": opened.history}[name]()
+
+
+@pytest.mark.parametrize("text", ["null: 3\n", "e2:\n  1: 2\n", "~: x\n"])
+def test_config_keys_that_are_not_text_are_a_clear_error(tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="expected key names"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_run_whose_models_do_not_fit_its_config_is_a_clear_error(tmp_path):
+    from cmg_core.predict import Predictor
+
+    run = tmp_path / "run"
+    shutil.copytree(DEMO, run)
+    (run / "config.yaml").write_text("")  # every default: other layer sizes than the saved weights
+    with pytest.raises(DataError, match="models do not fit its config.yaml"):
+        Predictor.load(run)
