@@ -24,11 +24,10 @@ import pandas as pd
 
 from .config import RunConfig, save_config
 from .errors import ConfigError
-from .experiment import check_experiment_folder, task_config
+from .experiment import check_experiment_folder, task_config, train_or_reuse
 from .metrics import mean_ci
 from .protocol import Scoring, auroc_key
 from .runs import Run, check_run_folder, write_csv, write_json, write_text
-from .train import train_run
 from .train.evaluate import history_records
 from .utils import atomic_path, machine_description
 
@@ -108,20 +107,15 @@ def _variant_config(cfg: RunConfig, names: tuple, methods: Sequence[str]) -> Run
 
 def _train(cfg: RunConfig, scorings: tuple, log, progress, copy_from: Path | None = None) -> Path:
     run_dir = Path(cfg.out_dir) / cfg.name
-    if (run_dir / "run.json").is_file() and Run.open(run_dir).status == "done":
-        log(f"{cfg.name}: finished earlier, reused")
-        return run_dir
-    check_run_folder(run_dir)
-    if copy_from is not None:  # the same E1, CMER and RID as the honest run: only the methods retrain
+    done = (run_dir / "run.json").is_file() and Run.open(run_dir).status == "done"
+    if copy_from is not None and not done:
+        check_run_folder(run_dir)  # the same E1, CMER and RID as the honest run: only the methods retrain
         (run_dir / "models").mkdir(parents=True, exist_ok=True)
         for name in ("e1.npz", "rid.npz", "rid_test.npz"):
             if (copy_from / "models" / name).is_file() and not (run_dir / "models" / name).is_file():
                 with atomic_path(run_dir / "models" / name) as tmp:
                     shutil.copyfile(copy_from / "models" / name, tmp)
-    t0 = time.time()
-    train_run(cfg, progress=progress, extra_scorings=scorings)
-    log(f"{cfg.name}: trained in {time.time() - t0:.0f} s")
-    return run_dir
+    return train_or_reuse(cfg, progress, log, scorings).path
 
 
 def audit_task(cfg: RunConfig, exp_dir: Path, seed: int, rows: list[Row], progress=None, log=print) -> dict:

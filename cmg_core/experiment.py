@@ -37,13 +37,15 @@ def task_config(cfg: RunConfig, exp_dir: Path, seed: int, mask: str | None = Non
     return dataclasses.replace(cfg, **changes)
 
 
-def _train_or_reuse(cfg: RunConfig, progress: Progress | None, log: Callable[[str], None]) -> Run:
+def train_or_reuse(cfg: RunConfig, progress: Progress | None, log: Callable[[str], None],
+                   extra_scorings: tuple = ()) -> Run:
+    """The finished run of `cfg` (out_dir/name) when there is one, else trained (or resumed) now."""
     run_dir = Path(cfg.out_dir) / cfg.name
     if (run_dir / "run.json").is_file() and Run.open(run_dir).status == "done":
         log(f"{cfg.name}: finished earlier, reused")
         return Run.open(run_dir)
     t0 = time.time()
-    train_run(cfg, progress=progress)
+    train_run(cfg, progress=progress, extra_scorings=extra_scorings)
     log(f"{cfg.name}: trained in {time.time() - t0:.0f} s")
     return Run.open(run_dir)
 
@@ -134,13 +136,13 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
     t0 = time.time()
     rows, runs, mask_runs = [], {}, {}
     for seed in cfg.experiment.task_seeds:
-        run = _train_or_reuse(task_config(cfg, exp_dir, seed), progress, log)
+        run = train_or_reuse(task_config(cfg, exp_dir, seed), progress, log)
         runs[seed] = run
         rows += [{"seed": seed, "wall_time_s": run.info.get("wall_time_s"), **r}
                  for r in metric_rows(run.metrics(), cfg.cmle.loss)]
         if cfg.experiment.mask_ablation:
             other = "soft" if cfg.cmer.mask == "hard" else "hard"
-            mask_runs[seed] = _train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)
+            mask_runs[seed] = train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)
     per_task = pd.DataFrame(rows)
     summary = summarize(per_task)
     split = time_split(runs.values())
