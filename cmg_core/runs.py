@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
-from .utils import atomic_path, load_npy, read_bounded_text
+from .utils import atomic_path, is_temporary, load_npy, read_bounded_text
 
 LOG_TAIL_BYTES = 1 << 20  # read from the end of log.txt
 
@@ -54,9 +54,7 @@ RUN_ENTRIES = frozenset(RUN_FILES + ("progress.json", "log.txt", "language.npz",
 def foreign_entries(path: Path) -> list[str]:
     """Names in folder `path` that no run writes (sorted; an atomic write's `.<name>.*.tmp` file counts as a run's)."""
     def ours(p: Path) -> bool:
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            return p.is_file() and not p.is_symlink()
-        return p.name in RUN_ENTRIES and not p.is_symlink()
+        return is_temporary(p) or (p.name in RUN_ENTRIES and not p.is_symlink())
     return sorted(p.name for p in Path(path).iterdir() if not ours(p))
 
 
@@ -87,6 +85,19 @@ def check_run_folder(path: Path) -> None:
     if other:
         raise DataError(f"{path} exists and is not a run folder (no run.json; it holds {_listing(other)}); "
                         "nothing was changed - choose another run name or out_dir, or an empty folder")
+
+
+def remove_temporaries(run_dir: Path) -> list[str]:
+    """Delete the temporary files of atomic writes that a killed process left in run folder `run_dir` (only files
+    named like `atomic_path`'s, in the run's own entries); returns what was removed."""
+    gone = []
+    for entry in [Path(run_dir)] + [Path(run_dir) / n for n in sorted(RUN_ENTRIES)]:
+        if entry.is_dir() and not entry.is_symlink():
+            for p in sorted(entry.iterdir()):
+                if is_temporary(p):
+                    p.unlink()
+                    gone.append(str(p.relative_to(run_dir)))
+    return gone
 
 
 def remove_run_folder(path: Path) -> None:

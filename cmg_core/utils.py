@@ -124,6 +124,11 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is an `atomic_path` temporary file (`.<name>.<random>.tmp`), e.g. one a killed process left."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file() and not path.is_symlink()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `target`; it replaces `target` only if the block succeeds.

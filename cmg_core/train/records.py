@@ -13,7 +13,7 @@ from ..config import RunConfig, load_config, to_dict
 from ..errors import ConfigError
 from ..metrics import detection_metrics
 from ..protocol import departures
-from ..runs import check_run_folder, remove_run_folder, write_csv, write_json
+from ..runs import check_run_folder, remove_run_folder, remove_temporaries, write_csv, write_json
 
 
 def caption_tensor(dataset, rows: np.ndarray, text_model: str, device: str = "cpu") -> torch.Tensor:
@@ -39,14 +39,15 @@ def check_resume(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
         return
     check_run_folder(run_dir)
     old = run_dir / "config.yaml"
-    if not old.is_file():
-        return
-    previous = load_config(old)
-    a = {k: v for k, v in to_dict(previous).items() if k != "out_dir"}
-    b = {k: v for k, v in to_dict(cfg).items() if k != "out_dir"}
-    if a != b:
-        raise ConfigError(f"run folder {run_dir} already holds a run with a different config; "
-                          "choose another name (--set name=...) or pass --overwrite")
+    if old.is_file():
+        previous = load_config(old)
+        a = {k: v for k, v in to_dict(previous).items() if k != "out_dir"}
+        b = {k: v for k, v in to_dict(cfg).items() if k != "out_dir"}
+        if a != b:
+            raise ConfigError(f"run folder {run_dir} already holds a run with a different config; "
+                              "choose another name (--set name=...) or pass --overwrite")
+    if run_dir.is_dir():
+        remove_temporaries(run_dir)  # a killed run's half-written files: the resumed run writes them again
 
 
 class _NullWriter:
