@@ -227,8 +227,8 @@ def read_json(path: Path, expect: type | None = None) -> Any:
 
 
 # columns every reader of a run table relies on
-CSV_COLUMNS = {"images.csv": ("row", "image_id", "path", "role", "is_anomaly"), "scores.csv": ("row", "role"),
-               "cmer.csv": ("row", "role")}
+CSV_COLUMNS = {"images.csv": ("row", "image_id", "path", "role", "is_anomaly"), "scores.csv": ("row",),
+               "cmer.csv": ("row",)}
 
 
 def check_info(info: dict, path: Path) -> dict:

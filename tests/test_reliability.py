@@ -389,7 +389,7 @@ def test_a_config_that_is_not_utf8_text_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("name, body, message", [
     ("images.csv", 'row,path\n0,"unterminated\n', "not a readable CSV table"),
     ("images.csv", "row,role\n0,train\n", "lacks column"),
-    ("scores.csv", "row,role\n3,train\n", "not 0, 1, 2"),
+    ("scores.csv", "row,score_ssd\n3,0.5\n", "not 0, 1, 2"),
     ("run.json", "[1, 2]", "expected a JSON object"),
     ("run.json", '{"methods": "ssd"}', "list of method names"),
     ("run.json", '{"n_regions": "four"}', "whole number"),
