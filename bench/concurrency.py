@@ -7,8 +7,8 @@ shown) and none another session's file.
 
 Starts `streamlit run app/main.py` on a free port with an empty runs folder (the demo run is the default run),
 opens one browser context per session (separate Streamlit sessions) in headless chromium, starts a small
-synthetic training from the Train page, then in every round gives each session a different image at once and
-waits for all of them. The training must finish (status done) without an error.
+synthetic training from the Train page, then in every round adds a different image to each session's uploads at
+once and waits for all of them (round r: each session shows its r + 1 images, none of another session's). The training must finish (status done) without an error.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def main() -> int:
                 browser = p.chromium.launch(executable_path=fx.CHROMIUM, args=fx.CHROMIUM_ARGS, headless=True)
                 trainer = browser.new_context().new_page()
                 start_training(trainer, base, "trained_meanwhile")
-                pages = []
+                pages, sent = [], []
                 for s in range(args.sessions):  # one browser context = one Streamlit session
                     page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
                     page.goto(f"{base}/upload", wait_until="domcontentloaded")
@@ -90,19 +90,22 @@ def main() -> int:
                     pages.append(page)
                 for rnd in range(args.rounds):
                     files = [image_for(s, rnd, tmp) for s in range(args.sessions)]
+                    sent += files
                     started = time.perf_counter()
                     for page, f in zip(pages, files):  # all sessions at once: the server scores them together
                         page.locator('input[type="file"]').set_input_files(str(f))
-                    for s, (page, f) in enumerate(zip(pages, files)):
-                        settle(page, "1 of 1 file(s) scored", timeout=180)
+                    for s, (page, f) in enumerate(zip(pages, files)):  # a session's uploads add up: rnd + 1 files
+                        settle(page, f"{rnd + 1} of {rnd + 1} file(s) scored", timeout=180)
                         body = page.inner_text("body")
                         want = demo.explain(Image.open(f))["scores"]
                         shown = {m: f"{want[m]:.3f}" in body for m in ("cmg", "ssd")}
-                        others = [g.name for g in files if g != f and g.name in body]
+                        others = [g.name for g in sent if g.name in body and not g.name.startswith(f"s{s}_")]
                         ok = all(shown.values()) and not others and f.name in body and "Traceback" not in body
                         rows.append({"round": rnd, "session": s, "image": f.name, "ok": ok, "scores_shown": shown,
                                      "other_sessions_files": others,
-                                     "seconds": round(time.perf_counter() - started, 2)})
+                                     "seconds": round(time.perf_counter() - started, 2),
+                                     "expected": {m: round(float(want[m]), 4) for m in ("cmg", "ssd")},
+                                     "page": None if ok else body[-3000:]})
                     status = json.loads((runs / "trained_meanwhile" / "run.json").read_text()).get("status") \
                         if (runs / "trained_meanwhile" / "run.json").is_file() else "starting"
                     print(f"round {rnd}: {sum(r['ok'] for r in rows[-args.sessions:])}/{args.sessions} sessions "
