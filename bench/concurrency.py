@@ -96,9 +96,14 @@ def main() -> int:
                         page.locator('input[type="file"]').set_input_files(str(f))
                     for s, (page, f) in enumerate(zip(pages, files)):  # a session's uploads add up: rnd + 1 files
                         settle(page, f"{rnd + 1} of {rnd + 1} file(s) scored", timeout=180)
-                        body = page.inner_text("body")
                         want = demo.explain(Image.open(f))["scores"]
-                        shown = {m: f"{want[m]:.3f}" in body for m in ("cmg", "ssd")}
+                        end = time.time() + 60  # the score metrics render last; a wrong score still fails here
+                        while True:
+                            body = page.inner_text("body")
+                            shown = {m: f"{want[m]:.3f}" in body for m in ("cmg", "ssd")}
+                            if all(shown.values()) or time.time() > end:
+                                break
+                            time.sleep(0.5)
                         others = [g.name for g in sent if g.name in body and not g.name.startswith(f"s{s}_")]
                         ok = all(shown.values()) and not others and f.name in body and "Traceback" not in body
                         rows.append({"round": rnd, "session": s, "image": f.name, "ok": ok, "scores_shown": shown,
