@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cmg_core.errors import ConfigError
+from cmg_core.methods import method_choices
 from cmg_core.utils import atomic_path, cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ LAUNCH_FILE = "launch.json"
 STDOUT_FILE = "stdout.log"
 
 
-METHOD_CHOICES = ("ssd", "ssd+er", "ssd+le[lle]", "ssd+le[supcon]", "cmg[lle]", "cmg[supcon]", "cmg-mse")
+METHOD_CHOICES = tuple(method_choices())  # every method of cmg_core.methods.REGISTRY
 
 
 def config_files(folder: str | Path = REPO / "configs") -> list[Path]:

@@ -181,6 +181,12 @@ def verdict(score: float, threshold: float | None) -> str:
     return "anomalous" if score > threshold else "normal"
 
 
+def rid_of(res: dict) -> tuple[int, np.ndarray]:
+    """(RID's chosen region, or -1 for a run without RID; its probabilities (M,), empty without RID)."""
+    k, probs = res.get("rid_choice"), res.get("rid_probs")
+    return (-1 if k is None else int(k)), (np.zeros(0) if probs is None else np.asarray(probs, dtype=float))
+
+
 def results_table(results: Sequence[UploadResult]) -> pd.DataFrame:
     """One row per uploaded file: status, notes/errors, RID choice and probabilities, per-method score,
     percentile among the normal training images' out-of-fold scores, calibrated threshold and verdict."""
@@ -190,8 +196,8 @@ def results_table(results: Sequence[UploadResult]) -> pd.DataFrame:
                                "message": r.error or " ".join(r.notes)}
         if r.ok and r.result:
             res = r.result
-            row["rid_choice"] = int(res.get("rid_choice", -1))
-            for j, p in enumerate(np.asarray(res.get("rid_probs", []), dtype=float)):
+            row["rid_choice"], probs = rid_of(res)
+            for j, p in enumerate(probs):
                 row[f"rid_prob_{j}"] = round(float(p), 6)
             for m, s in (res.get("scores") or {}).items():
                 thr = threshold_of(res, m, None)
@@ -209,9 +215,9 @@ def results_csv(results: Sequence[UploadResult]) -> bytes:
 
 def report_lines(r: UploadResult) -> list[str]:
     res = r.result or {}
-    probs = np.asarray(res.get("rid_probs", []), dtype=float)
-    k = int(res.get("rid_choice", -1))
-    lines = [f"RID masks region {k} (probability {probs[k]:.2f})" if 0 <= k < len(probs) else "RID: -"]
+    k, probs = rid_of(res)
+    lines = [f"RID masks region {k} (probability {probs[k]:.2f})" if 0 <= k < len(probs) else
+             "no masks (this run's methods do not use RID)"]
     for m, s in (res.get("scores") or {}).items():
         thr = threshold_of(res, m, None)
         pct = (res.get("percentiles") or {}).get(m)
@@ -232,7 +238,9 @@ def chosen_overlay(r: UploadResult, default_regions: int = 4) -> Image.Image:
     from .imaging import overlay_region
 
     res = r.result or {}
-    k = int(res.get("rid_choice", 0))
+    k = rid_of(res)[0]
+    if k < 0:  # a run without RID: nothing is masked
+        return r.image
     return overlay_region(r.image, k, n_regions_of(res, default_regions), label=f"RID {k}")
 
 

@@ -13,12 +13,15 @@
     knn = SSD(scorer="knn")                      # SSD's features, k-NN score (detector.knn_k neighbours)
     base = RawKNN().fit("my_images")             # no training: k-NN on the frozen trunk's features
 
-`fit` trains one run with this method only (E1, CMER, RID, CMLE as the method needs, E2, detector) through the
-same pipeline as `cmg train`, into `run_dir` (default: a new folder under `runs/`); the fitted detector is that
-run folder. `fit(dataset)` takes a folder of the user's images (loader `folder`) or a data-section dict.
+`fit` trains one run with this method only through the same pipeline as `cmg train`, running only the stages the
+method needs (`raw`: trunk features and detectors; `cmg`: text, E1, CMER, RID, CMLE, E2, detectors), into `run_dir`
+(default: a new folder under `runs/`); the fitted detector is that run folder. `fit(dataset)` takes a folder of the
+user's images (loader `folder`: plain images, `<class>/` sub-folders, or captioned layouts), a list of image paths,
+or a data-section dict; the images given are the normal ones unless the config's `task` says otherwise.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -81,10 +84,18 @@ class Detector:
             _deep_update(data.setdefault(name, {}), section)
         if isinstance(dataset, (str, Path)):
             _deep_update(data, {"data": {"name": "folder", "root": str(dataset), "options": {}}})
+        elif isinstance(dataset, (list, tuple)) and all(isinstance(f, (str, Path)) for f in dataset):
+            files = [str(Path(f).absolute()) for f in dataset]
+            root = os.path.commonpath([str(Path(f).parent) for f in files]) if files else "."
+            _deep_update(data, {"data": {"name": "folder", "root": root, "options": {"files": files}}})
         elif isinstance(dataset, dict):
             _deep_update(data, {"data": dataset})
         elif dataset is not None:
-            raise DataError(f"fit(dataset): expected a folder path or a data-section dict, got {type(dataset).__name__}")
+            raise DataError(f"fit(dataset): expected a folder path, a list of image paths or a data-section dict, "
+                            f"got {type(dataset).__name__}")
+        task = data.setdefault("task", {})
+        if dataset is not None and task.get("normal_classes") is None and task.get("n_normal") is None:
+            task["normal_classes"] = "all"  # the user's images are the normal ones, whatever their folders
         out = Path(self.run_dir) if self.run_dir else Path(tempfile.mkdtemp(prefix=f"api_{_slug(self.method)}_",
                                                                             dir=_mkdir("runs")))
         data.update(name=out.name, out_dir=str(out.parent))

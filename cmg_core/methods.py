@@ -13,17 +13,56 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
-BASE_METHODS = ("ssd", "ssd+er", "ssd+le", "cmg", "cmg-mse", "raw", "bliss", "she", "cmda")
 SCORERS = ("mahalanobis", "knn")
 DEFAULT_SCORER = "mahalanobis"
-OWN_SCORER = {"bliss": "bliss", "she": "she"}  # methods with a scoring rule of their own: that rule only, named by the method
 READINGS = ("lle", "supcon")
-_USES = {  # base method -> (masked images (ER), CMLE (LE), MSE distillation)
-    "ssd": (False, False, False), "ssd+er": (True, False, False), "ssd+le": (False, True, False),
-    "cmg": (True, True, False), "cmg-mse": (True, False, True), "raw": (False, False, False),
-    "bliss": (False, False, False), "she": (False, False, False), "cmda": (False, False, False)}
+
+
+@dataclass(frozen=True)
+class BaseMethod:
+    """What a base method is made of and what it needs: the pipeline runs a stage only when a chosen method needs
+    it (a run of `raw` computes trunk features and fits detectors, nothing else)."""
+
+    name: str
+    summary: str
+    er: bool = False  # E2 trains and is scored on CMER / RID-masked images (entity removal)
+    le: bool = False  # CMLE guidance (caption clusters)
+    mse: bool = False  # MSE distillation to caption embeddings
+    trained: bool = True  # has an E2 of its own
+    captions: bool = False  # reads captions (text model)
+    e1: bool = False  # E1 and CMER's labels
+    rid: bool = False  # RID picks test images' masks
+    classes: bool = False  # >= 2 labelled normal classes
+    own_scorer: str | None = None  # a scoring rule of its own, used instead of detector.scorers
+
+
+REGISTRY = {m.name: m for m in (  # the one list of methods: config, API, CLI and app read it
+    BaseMethod("ssd", "SimCLR features, Mahalanobis score (no language)"),
+    BaseMethod("ssd+er", "SSD on images with the entity RID picks removed", er=True, captions=True, e1=True, rid=True),
+    BaseMethod("ssd+le", "SSD guided by caption clusters (CMLE)", le=True, captions=True),
+    BaseMethod("cmg", "entity removal + caption-guided latent space (the paper's method)", er=True, le=True,
+               captions=True, e1=True, rid=True),
+    BaseMethod("cmg-mse", "entity removal + MSE distillation to caption embeddings", er=True, mse=True,
+               captions=True, e1=True, rid=True),
+    BaseMethod("raw", "no training: the frozen trunk's features", trained=False),
+    BaseMethod("bliss", "zero-shot image-text scores against class prompts and a dictionary", trained=False,
+               captions=True, own_scorer="bliss"),
+    BaseMethod("she", "classifier on the normal classes, energy against the predicted class's pattern",
+               classes=True, own_scorer="she"),
+    BaseMethod("cmda", "SimCLR on views mixed with E1-matched caption partners", captions=True, e1=True),
+)}
+BASE_METHODS = tuple(REGISTRY)
+OWN_SCORER = {m.name: m.own_scorer for m in REGISTRY.values() if m.own_scorer}
+NEEDS = ("captions", "e1", "rid", "classes")
+
+
+def method_choices() -> list[str]:
+    """Every method name a run can train, CMLE methods under both readings: what the app's Train page offers."""
+    return [n for m in REGISTRY.values() for n in ([f"{m.name}[{r}]" for r in READINGS] if m.le else [m.name])]
+
+
 _NAME = re.compile(r"^(?P<base>[a-z0-9+\-]+)(\[(?P<reading>[a-z]+)\])?$")
 
 
@@ -37,14 +76,22 @@ class MethodSpec:
     reading: str | None  # lle | supcon for LE methods, else None
 
     @property
+    def kind(self) -> BaseMethod:
+        return REGISTRY[self.base]
+
+    @property
     def trained(self) -> bool:
-        """False for `raw` (the frozen trunk's features) and `bliss` (E1's image embeddings): no E2."""
-        return self.base not in ("raw", "bliss")
+        """False for `raw` (the frozen trunk's features) and `bliss` (images mapped into the text space): no E2."""
+        return self.kind.trained
 
     @property
     def own_scorer(self) -> str | None:
         """The method's own scoring rule (`bliss`, `she`), used instead of `detector.scorers`; None for the others."""
-        return OWN_SCORER.get(self.base)
+        return self.kind.own_scorer
+
+    def needs(self) -> set[str]:
+        """The inputs and stages this method needs, from NEEDS: captions, e1 (E1 + CMER), rid, classes."""
+        return {n for n in NEEDS if getattr(self.kind, n)}
 
     def scorers(self, configured) -> list[str]:
         """The scores a run gives this method: its own rule only, else each of `configured` (detector.scorers)."""
@@ -59,11 +106,12 @@ class MethodSpec:
 def parse_method(name: str, default_reading: str = "lle") -> MethodSpec:
     """'cmg[supcon]' -> MethodSpec(base='cmg', er=True, le=True, mse=False, reading='supcon')."""
     m = _NAME.match(str(name))
-    if not m or m.group("base") not in _USES:
+    if not m or m.group("base") not in REGISTRY:
         raise ConfigError(f"unknown method {name!r}; expected one of {list(BASE_METHODS)}, and for ssd+le / cmg "
                           f"optionally a CMLE reading in brackets: {[f'cmg[{r}]' for r in READINGS]}")
     base, reading = m.group("base"), m.group("reading")
-    er, le, mse = _USES[base]
+    kind = REGISTRY[base]
+    er, le, mse = kind.er, kind.le, kind.mse
     if reading is not None and not le:
         raise ConfigError(f"method {name!r}: only ssd+le and cmg take a CMLE reading ([lle] or [supcon])")
     if reading is not None and reading not in READINGS:
@@ -71,6 +119,24 @@ def parse_method(name: str, default_reading: str = "lle") -> MethodSpec:
     if le and reading is None:
         reading = default_reading
     return MethodSpec(name, base, er, le, mse, reading if le else None)
+
+
+def run_needs(specs) -> set[str]:
+    """Union of `MethodSpec.needs` over a run's methods: the stages and inputs the run must provide."""
+    return set().union(*(s.needs() for s in specs))
+
+
+def check_needs(specs, dataset, data_cfg) -> None:
+    """DataError when a method needs captions that `dataset` (a CaptionedDataset) does not have: names the
+    methods, the dataset and the files a captioned dataset is read from."""
+    if dataset.has_captions:
+        return
+    wanting = [s.name for s in specs if "captions" in s.needs()]
+    if wanting:
+        free = [m.name for m in REGISTRY.values() if not m.captions]
+        where = (dataset.meta or {}).get("captions_expected", "a captions file")
+        raise DataError(f"method(s) {wanting} need captions, but dataset {data_cfg.name!r} at {data_cfg.root} has "
+                        f"none: expected {where}; the methods that need no captions are {free}")
 
 
 def method_label(name: str, default_reading: str = "lle") -> str:

@@ -27,7 +27,7 @@ from .masks import grid_masks
 from .models import RID, E2Head
 from .runs import Run, method_slug
 from .stages import e2_features, rid_predict
-from .methods import parse_method, scored_key, split_key
+from .methods import parse_method, run_needs, scored_key, split_key
 from .utils import resolve_device
 
 
@@ -86,8 +86,11 @@ class Predictor:
             e1_image.load_state_dict({k[len("image."):]: v.float() for k, v in state.items() if k.startswith("image.")})
             e1_image = e1_image.to(dev).eval()
             feature_dim = spec.feature_dim
-        rid = RID(feature_dim, tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
-        rid.load_state_dict({k: v.float() for k, v in load_model(model_path(models, "rid"))[0].items()})
+        rid = None  # a run whose methods need no RID (raw, ssd, she, ...) has none: its images are not masked
+        if "rid" in run_needs([parse_method(m, cfg.cmle.loss) for m in run.methods]):
+            rid = RID(feature_dim, tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
+            rid.load_state_dict({k: v.float() for k, v in load_model(model_path(models, "rid"))[0].items()})
+            rid.eval()
         e2, dets = {}, {}
         for method in run.methods:
             weights, states, meta = load_model(model_path(models, method_slug(method)))
@@ -112,7 +115,7 @@ class Predictor:
             for scorer, state in states.items():
                 dets[scored_key(method, scorer)] = detector_from_state(scorer, state)
         apply = run.info.get("mask_apply", "pixel")  # as recorded; older runs: pixel
-        pred = cls(run, cfg, rid.eval(), e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
+        pred = cls(run, cfg, rid, e2, dets, dev, trunk=trunk, e1_image=e1_image, apply=apply)
         if trunk is not None and (run.path / "language.npz").is_file():
             from .language import LanguageExplainer
 
@@ -147,15 +150,26 @@ class Predictor:
         h, z = self.e2[method](inp.to(self.device))
         return (z if self.cfg.detector.features == "projection" else h).float().cpu().numpy()
 
+    def _unmasked_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, F) features of the unmasked images (a run without RID: one trunk pass)."""
+        if self.trunk is not None:
+            return self.trunk(to_trunk_size(x, self.cfg.model.trunk_image_size or x.shape[-1]))
+        return self.e1_image.features(x.to(self.device)).float().cpu()
+
     @torch.no_grad()
     def _score(self, pils: list, methods: list[str] | None = None):
         """RGB PIL images -> (x (B, 3, S, S), variants (B, M, 3, S, S), RID probabilities (B, M), choice (B,),
-        {method: scores (B,)}, RID's input features of the unmasked images (B, F))."""
+        {method: scores (B,)}, RID's input features of the unmasked images (B, F)). A run without RID gives no
+        variants (B, 0, ...), probabilities or choice (None)."""
         x = to_float(images_to_tensor(pils, self.image_size))  # (B, 3, S, S)
-        variants = masked_variants(x, self.n_regions, self.mask, self.soft_value)  # (B, M, 3, S, S)
-        orig, masked = self._rid_inputs(x, variants)
-        probs = rid_predict(self.rid, masked, orig).numpy()
-        choice = probs.argmax(1)
+        if self.rid is None:
+            variants, masked, probs, choice = x[:, :0], None, None, None
+            orig = self._unmasked_features(x)
+        else:
+            variants = masked_variants(x, self.n_regions, self.mask, self.soft_value)  # (B, M, 3, S, S)
+            orig, masked = self._rid_inputs(x, variants)
+            probs = rid_predict(self.rid, masked, orig).numpy()
+            choice = probs.argmax(1)
         keys = methods or self.methods
         feats = {m: self._detector_features(m, x, variants, choice, orig, masked)
                  for m in dict.fromkeys(split_key(k)[0] for k in keys)}  # once per method, for every scorer
@@ -187,7 +201,7 @@ class Predictor:
             if pils:
                 _, _, _, choice, scores, _ = self._score(pils, methods)
                 for j, i in enumerate(ok):
-                    rows[i]["rid_choice"] = int(choice[j])
+                    rows[i]["rid_choice"] = int(choice[j]) if choice is not None else None
                     for m in methods:
                         rows[i][f"score_{m}"] = float(scores[m][j])
                         rows[i][f"anomalous_{m}"] = int(scores[m][j] > self.detectors[m].threshold_)
@@ -212,9 +226,9 @@ class Predictor:
             words = self.language.explain(orig.float().cpu().numpy())
         return [{
             "variants": [_to_pil(v) for v in variants[i]],
-            "rid_probs": probs[i],
-            "rid_choice": int(choice[i]),
-            "masked_image": _to_pil(variants[i, choice[i]]),
+            "rid_probs": probs[i] if probs is not None else None,  # None: the run has no RID (no masks)
+            "rid_choice": int(choice[i]) if choice is not None else None,
+            "masked_image": _to_pil(variants[i, choice[i]]) if choice is not None else None,
             "image": _to_pil(x[i]),
             "scores": {k: float(v[0][i]) for k, v in per_method.items()},
             "percentiles": {k: float(v[1][i]) for k, v in per_method.items()},

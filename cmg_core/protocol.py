@@ -47,6 +47,13 @@ class Scoring:
         return "rid_test" in (self.masks, self.anomaly_masks)
 
 
+def scoring_needs(scorings) -> set[str]:
+    """Stages (cmg_core.methods.NEEDS) that scorings masking anomalies of every method need: `captions` -> E1
+    and CMER's labels, `rid` / `rid_test` -> RID too."""
+    rules = {s.anomaly_masks for s in scorings} & set(MASK_RULES)
+    return ({"captions", "e1"} if rules else set()) | ({"rid"} if rules - {"captions"} else set())
+
+
 def run_scoring(protocol) -> Scoring:
     """The Scoring of a run's protocol section (cmg_core.config.ProtocolConfig)."""
     rid = "rid_test" if protocol.rid_select == "test" else "rid"

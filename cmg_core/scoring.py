@@ -24,6 +24,9 @@ __all__ = [
     "standardize",
     "fit_gaussian",
     "mahalanobis_sq",
+    "precision_factor",
+    "ledoit_wolf_shrinkage_gram",
+    "factored_mahalanobis_sq",
     "cluster_min_mahalanobis",
     "ssd_scores",
 ]
@@ -103,6 +106,70 @@ def fit_gaussian(train: np.ndarray, covariance: str = "pinv") -> tuple[np.ndarra
     else:
         precision = EmpiricalCovariance().fit(x).precision_
     return mean, np.asarray(precision, dtype=np.float64)
+
+
+def precision_factor(train: np.ndarray, covariance: str = "shrinkage") -> tuple[np.ndarray, float, float, np.ndarray] | None:
+    """`fit_gaussian`'s precision P of ``train (N, D)`` in factored form when N < D, without forming a (D, D)
+    matrix: ``(mean (D,), alpha, sign, W (R, D))`` with ``d P d^T = alpha |d|^2 + sign |W d|^2`` for ``d = y - mean``
+    (R <= N); None when N >= D (the dense P is no larger) or the estimate is degenerate.
+
+    * ``shrinkage``: Ledoit-Wolf's ``a I + b U^T U`` (``U = (train - mean) / sqrt(N)``, ``a = s mu``, ``b = 1 - s``,
+      s: `ledoit_wolf_shrinkage_gram`) inverted by Woodbury:
+      ``P = (I - U^T (a/b I + U U^T)^-1 U) / a``, so alpha = 1/a, sign = -1, ``W = L^-1 U / sqrt(a)`` with
+      ``L L^T = a/b I + U U^T`` (an (N, N) Cholesky factor).
+    * ``pinv`` / ``empirical``: the pseudo-inverse of ``U^T U`` from the SVD ``U = Q S V^T``: alpha = 0, sign = +1,
+      ``W = S^-1 V^T`` over the singular values numpy's pinv (rcond 1e-15 of the covariance) or scipy's pinvh
+      (D eps) would keep.
+    """
+    x = _as_2d(train, "train")
+    if covariance not in COVARIANCES:
+        raise ConfigError(f"covariance={covariance!r} is unknown (expected one of {COVARIANCES})")
+    n, d = x.shape
+    if n < 2 or n >= d:
+        return None
+    mean = x.mean(axis=0)
+    u = (x - mean) / np.sqrt(n)
+    if covariance == "shrinkage":
+        from scipy.linalg import cho_factor, solve_triangular
+
+        shrink = ledoit_wolf_shrinkage_gram(x - mean)
+        mu = float((u * u).sum()) / d  # trace of the empirical covariance / D
+        a, b = shrink * mu, 1.0 - shrink
+        if not a > 0 or not b > 0:
+            return None
+        chol, _ = cho_factor(a / b * np.eye(n) + u @ u.T, lower=True)
+        return mean, 1.0 / a, -1.0, solve_triangular(np.tril(chol), u, lower=True) / np.sqrt(a)
+    _, sv, vt = np.linalg.svd(u, full_matrices=False)
+    rtol = 1e-15 if covariance == "pinv" else d * np.finfo(np.float64).eps
+    keep = sv**2 > rtol * (sv[0] ** 2 if len(sv) else 0.0)
+    return mean, 0.0, 1.0, vt[keep] / sv[keep, None]
+
+
+def ledoit_wolf_shrinkage_gram(centered: np.ndarray) -> float:
+    """sklearn's `ledoit_wolf_shrinkage` of centered rows ``(N, D)`` without its (D, D) products: the same sums
+    from ``sum(X2^T X2) = |X2 1|^2`` (X2 = X * X) and ``|X^T X|_F = |X X^T|_F`` (an (N, N) Gram matrix), so it
+    costs O(N^2 D), not O(N D^2)."""
+    x = np.asarray(centered, dtype=np.float64)
+    n, d = x.shape
+    if d == 1:
+        return 0.0
+    x2 = x * x
+    trace = x2.sum(axis=0) / n  # (D,) the empirical covariance's diagonal
+    mu = trace.sum() / d
+    beta_ = float((x2.sum(axis=1) ** 2).sum())
+    delta_ = ((x @ x.T) ** 2).sum() / n**2
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * trace.sum() + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else float(beta / delta)
+
+
+def factored_mahalanobis_sq(x: np.ndarray, mean: np.ndarray, alpha: float, sign: float, w: np.ndarray) -> np.ndarray:
+    """``(M,)`` squared Mahalanobis distances of ``x (M, D)`` under a `precision_factor` ``(mean, alpha, sign, W)``:
+    ``alpha |x - mean|^2 + sign |W (x - mean)^T|^2``; zero rows of W (padding) add nothing."""
+    dx = np.asarray(x, dtype=np.float64) - np.asarray(mean, dtype=np.float64)
+    proj = dx @ np.asarray(w, dtype=np.float64).T  # (M, R)
+    return alpha * np.einsum("md,md->m", dx, dx) + sign * np.einsum("mr,mr->m", proj, proj)
 
 
 def mahalanobis_sq(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:

@@ -1,7 +1,6 @@
 """Upload: score your own images with the selected run (RID mask, CMG and SSD anomaly scores)."""
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 from app import plots
@@ -9,7 +8,7 @@ from app.components import guard, require_run
 from cmg_core.errors import CMGError
 from app.state import get_predictor
 from app.tables import train_scores
-from app.uploads import (MAX_FILES, UploadCache, UploadResult, chosen_overlay, digest, process_one,
+from app.uploads import (MAX_FILES, UploadCache, UploadResult, chosen_overlay, digest, process_one, rid_of,
                          report_png_bytes, results_csv, threshold_of, verdict)
 
 CACHE_KEY = "upload_results"
@@ -24,11 +23,13 @@ def show_result(run, r: UploadResult, focus: list[str], key: str) -> None:
             st.error(r.error or "this file could not be processed")
             return
         res = r.result
-        probs = np.asarray(res.get("rid_probs", []), dtype=float)
-        k = int(res.get("rid_choice", -1))
+        k, probs = rid_of(res)
         c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
         c1.image(r.image, caption=f"uploaded ({r.image.width}x{r.image.height})", width="stretch")
-        c2.image(chosen_overlay(r, run.n_regions), caption=f"RID's chosen region: {k}", width="stretch")
+        if k >= 0:
+            c2.image(chosen_overlay(r, run.n_regions), caption=f"RID's chosen region: {k}", width="stretch")
+        else:
+            c2.caption("No masks: this run's methods do not use RID.")
         if res.get("masked_image") is not None:
             c3.image(res["masked_image"], caption="masked image (E2 input)", width="stretch")
         if len(probs):

@@ -378,11 +378,13 @@ def test_folder_bad_jsonl(folder_root, lines, pattern):
 
 
 def test_folder_layout_errors(tmp_path, folder_root):
-    with pytest.raises(DataError, match="Images does not exist"):
-        load_folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files in"):
+        load_folder(tmp_path / "empty")
+    with pytest.raises(DataError, match="captions file .*nope.csv does not exist"):
+        load_folder(folder_root, captions="nope.csv")
     (folder_root / "captions.csv").unlink()
-    with pytest.raises(DataError, match="no captions file"):
-        load_folder(folder_root)
+    assert not load_folder(folder_root).has_captions  # no captions file: plain images (cmg_core.data.plain)
     (folder_root / "notes.txt").write_text("hi")
     (folder_root / "captions.csv").write_text("image,caption\nnotes.txt,hello\n")
     with pytest.raises(DataError, match="not an image file"):

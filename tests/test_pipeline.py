@@ -143,7 +143,7 @@ def test_too_many_gmm_clusters(tmp_path):
 
 @pytest.mark.parametrize("stage, stop_at, total", [("E1", 3, 25), ("RID", 4, 30)])
 def test_e1_and_rid_resume_from_epoch_checkpoints(tmp_path, stage, stop_at, total):
-    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd]"])
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd+er]"])
 
     class Stop(Exception):
         pass
@@ -221,8 +221,10 @@ def test_run_folder_models_load_without_pickle_and_old_folders_are_upgraded(smal
             state = {p: {k[len(p) + 1:]: v for k, v in weights.items() if k.startswith(p + ".")}
                      for p in ("image", "text")}
         else:
-            legacy = {k: dets["mahalanobis"][k] for k in ("n_clusters", "covariance", "seed", "mean_", "std_", "means_",
-                                          "precisions_", "train_scores_")}
+            d = dets["mahalanobis"]
+            legacy = {k: d[k] for k in ("n_clusters", "covariance", "seed", "mean_", "std_", "means_", "train_scores_")}
+            legacy["precisions_"] = d["precisions_"] if "precisions_" in d else np.stack([  # dense, as then
+                a * np.eye(w.shape[1]) + s * w.T @ w for a, s, w in zip(d["alphas_"], d["signs_"], d["factors_"])])
             state = {"model": weights, "detector": legacy, "method": meta["method"], "text_dim": meta["text_dim"]}
         torch.save(state, f.with_suffix(".pt"))
         f.unlink()

@@ -10,6 +10,11 @@ Captions file (the `captions` option, else `root/captions.csv`, else `root/capti
 for one image give it several captions. The class is the `class` value when given, else the image's folder
 name under `Images/`; class ids follow the sorted class names. Images are only checked to exist here; they
 are decoded when used.
+
+Without a captions file or metadata file the folder is read as plain images (`cmg_core.data.plain`: `root/*` or
+`root/<class>/*`, or the same under `Images/`): no captions, so only methods that read no text train on it.
+The `files` option (a list of image paths, relative to `root` or absolute) makes a one-class caption-less dataset
+of exactly those files (the API's `fit([paths])`).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Iterator
 from ..errors import DataError
 from .imagefolder import find_metadata, jsonl_objects, load_imagefolder
 from .images import IMAGE_EXTS
+from .plain import dataset_of_files, load_plain_folder
 from .types import SPLITS, CaptionedDataset, CaptionedImage
 
 IMAGES_DIR = "Images"
@@ -44,7 +50,7 @@ class _Entry:
 
 def load_folder(
     root: Path, captions: str | Path | None = None, require_captions: bool = True,
-    caption_column: str | None = None, **options
+    caption_column: str | None = None, files: list | None = None, **options
 ) -> CaptionedDataset:
     """Load `root/Images/<class>/*` with the captions of a CSV or JSONL file (see the module docstring), or -
     when there is no Images/ folder but a metadata.jsonl / metadata.csv - the Hugging Face imagefolder layout
@@ -59,6 +65,10 @@ def load_folder(
     images_dir = root / IMAGES_DIR
     if not images_dir.is_dir() and find_metadata(root) is not None:
         return load_imagefolder(root, caption_column)
+    if files is not None:
+        return dataset_of_files([Path(f) if Path(f).is_absolute() else root / f for f in files])
+    if captions is None and not any((root / name).is_file() for name in DEFAULT_CAPTION_FILES):
+        return load_plain_folder(images_dir if images_dir.is_dir() else root)  # no text: plain images
     if not images_dir.is_dir():
         raise DataError(f"images folder {images_dir} does not exist; expected {root}/Images/<class>/<image files> "
                         f"and a captions file, or the imagefolder layout ({root}/metadata.jsonl with file_name "

@@ -59,6 +59,16 @@ def jsonl_objects(text: str, path: Path, expected: str):
             yield n, obj
 
 
+def class_and_split(rel: Path, root: Path) -> tuple[str, str]:
+    """(class, split) of an image at `rel` below `root`: the split folder (train / validation / val / test) it lies
+    in, if any, else "train"; the class is the next folder, else `root`'s own name (a folder of one class)."""
+    parts = list(rel.parts[:-1])
+    split = SPLIT_FOLDERS.get(parts[0].lower()) if parts else None
+    if split:
+        parts = parts[1:]
+    return (parts[0] if parts else Path(root).resolve().name), split or "train"
+
+
 def _captions(value, where: str) -> list[str]:
     values = value if isinstance(value, list) else [value]
     caps = [v.strip() for v in values if isinstance(v, str) and v.strip()]
@@ -99,13 +109,10 @@ def load_imagefolder(root: Path, caption_column: str | None = None) -> Captioned
             raise DataError(f"{where}: image {path} does not exist")
         if path.suffix.lower() not in IMAGE_EXTS:
             raise DataError(f"{where}: {path} is not an image file; expected one of {list(IMAGE_EXTS)}")
-        parts = list(rel.parts[:-1])
-        split = SPLIT_FOLDERS.get(parts[0].lower(), None) if parts else None
-        if split:
-            parts = parts[1:]
-        split = SPLIT_FOLDERS.get(str(row.get("split", "")).lower(), split) or "train"
+        folder_class, split = class_and_split(rel, root)
+        split = SPLIT_FOLDERS.get(str(row.get("split", "")).lower(), split)
         label = row.get("label", row.get("class"))
-        class_name = str(label) if label not in (None, "") else (parts[0] if parts else root.resolve().name)
+        class_name = str(label) if label not in (None, "") else folder_class
         items.append(CaptionedImage(image_id=rel.with_suffix("").as_posix(), path=path.absolute(),
                                     captions=tuple(_captions(row.get(col), where)), class_id=0,
                                     class_name=class_name, split=split))

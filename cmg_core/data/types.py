@@ -85,13 +85,14 @@ class CaptionedDataset:
                     f"and ({n_items}, C) with entries < U"
                 )
         n = len(self.class_names)
+        captioned = any(it.captions for it in self.items)  # a dataset has captions for every image or for none
         for it in self.items:
             if not 0 <= it.class_id < n:
                 raise DataError(
                     f"dataset {self.name!r}: image {it.image_id!r} has class id {it.class_id}, "
                     f"expected 0..{n - 1}"
                 )
-            if not it.captions:
+            if captioned and not it.captions:
                 raise DataError(f"dataset {self.name!r}: image {it.image_id!r} ({it.path}) has no caption")
 
     # --- list-like access -------------------------------------------------------------------------
@@ -113,6 +114,11 @@ class CaptionedDataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_captions(self) -> bool:
+        """False for a folder of plain images (no captions file): only methods that read no text can train."""
+        return bool(self.items[0].captions)
 
     @property
     def num_captions(self) -> int:

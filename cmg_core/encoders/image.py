@@ -7,10 +7,13 @@
   `weights="imagenet"` asks torchvision for its ImageNet weights (needs internet or torch's hub cache).
 * `cnn` - a small 8-layer VGG-style CNN for 32 px images trained from scratch on CPU: four stages of two
   3x3 conv-BN-ReLU layers (width w, 2w, 4w, 8w; 2x2 max-pool between stages), global average pool -> 8w.
+* `timm:<name>`, `open_clip:<arch>`, `hf:<folder or hub id>` - frozen trunks from model hubs (`.hub`).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -114,8 +117,14 @@ def _small_cnn(width: int) -> tuple[nn.Module, BackboneSpec]:
 
 
 def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, cifar_stem: bool = False,
-                   weights: str | None = None, width: int = 32) -> tuple[nn.Module, BackboneSpec]:
-    """Build a feature extractor and its spec (feature dim, normalisation, whether weights are pretrained)."""
+                   weights: str | None = None, width: int = 32, pool: str = "native") -> tuple[nn.Module, BackboneSpec]:
+    """Build a feature extractor and its spec (feature dim, normalisation, whether weights are pretrained).
+
+    `<family>:<name>` trunks (`.hub`): `weights` a local weights file, `pool` native | maps."""
+    if ":" in name:
+        from .hub import build_hub_backbone  # imports this module
+
+        return build_hub_backbone(name, pretrained, weights, pool)
     if name == "efficientnet_lite0":
         if cifar_stem:
             raise ConfigError("cifar_stem applies to resnet18/resnet50 only, not efficientnet_lite0")
@@ -126,7 +135,57 @@ def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, ci
         if weights not in (None, "none", ""):
             raise ConfigError(f"backbone 'cnn' has no pretrained weights (got weights={weights!r})")
         return _small_cnn(width)
-    raise ConfigError(f"unknown image backbone {name!r}; expected one of {list(BACKBONES)}")
+    raise ConfigError(f"unknown image backbone {name!r}; expected one of {list(BACKBONES)}, or timm:<name>, "
+                      "open_clip:<arch> or hf:<folder or hub id> for model.trunk")
+
+
+def trunk_settings(model_cfg, apply: str) -> dict:
+    """The `build_backbone` / `Trunk.build` settings of a frozen trunk from a ModelConfig and the resolved
+    `cmer.apply`: weights are `trunk_weights` for hub trunks, `backbone_weights` (and `cifar_stem`) for the
+    resnets / cnn; hub trunks pool feature maps (`maps`) for `cmer.apply: feature`."""
+    m = model_cfg
+    hub = ":" in m.trunk
+    builtin = not hub and m.trunk != "efficientnet_lite0"  # the resnets and cnn take backbone_weights, cifar_stem
+    return dict(backbone=m.trunk, pretrained=m.pretrained,
+                weights=m.trunk_weights if hub else m.backbone_weights if builtin else None,
+                cifar_stem=m.cifar_stem and builtin, pool="maps" if hub and apply == "feature" else "native")
+
+
+def weights_identity(path: str) -> str:
+    """'<resolved path>|<size>|<mtime ns>' of a weights file; for a folder (an hf: trunk) the resolved path and a
+    hash of that of each of its files. ConfigError if there is no such file or folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"weights {path!r}: no such file or folder")
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    files = "\n".join(weights_identity(str(f)) for f in sorted(p.iterdir()) if f.is_file())
+    return f"{p.resolve()}|{hashlib.sha1(files.encode()).hexdigest()[:20]}"
+
+
+def trunk_key_parts(backbone: str, pretrained: bool = True, weights: str | None = None, cifar_stem: bool = False,
+                    pool: str = "native") -> dict:
+    """What changes a trunk's features besides its name (`trunk_settings`), for feature-cache keys: only the
+    settings that differ from the default (pretrained, no weights, no cifar stem, native pooling), so the keys of
+    default trunks stay as they were. Weights files (and hf: folders) enter by `weights_identity`."""
+    parts: dict = {}
+    hub = ":" in backbone
+    if not pretrained:
+        parts["pretrained"] = False
+    if weights:
+        parts["weights"] = weights_identity(weights) if hub else weights
+    elif backbone.startswith("hf:"):
+        from .hub import hf_source
+
+        src = hf_source(backbone, backbone[3:])
+        if Path(src).is_dir():  # a local folder: its files are the weights (a hub id is its name alone)
+            parts["weights"] = weights_identity(src)
+    if cifar_stem:
+        parts["cifar_stem"] = True
+    if hub and pool != "native":
+        parts["pool"] = pool
+    return parts
 
 
 class Normalize(nn.Module):

@@ -26,7 +26,7 @@ def run_text_space_map(run) -> torch.nn.Linear:
     """`text_space_map` of the run's normal training images, fitted once per run (bliss's model, language.npz)."""
     if getattr(run, "_text_space_map", None) is None:
         n = run.n_train
-        run._text_space_map = text_space_map(run.e1.orig[:n].float().numpy().astype(np.float64),
+        run._text_space_map = text_space_map(run.feats.orig[:n].float().numpy().astype(np.float64),
                                              run.caption_mean[:n].numpy().astype(np.float64),
                                              run.cfg.bliss.ridge_alpha)
     return run._text_space_map
@@ -52,7 +52,7 @@ def untrained_model(run, spec: MethodSpec, weights: dict | None = None):
     if clip is not None:  # images and texts in CLIP's space; its weights stay outside the run folder
         return clip
     if weights:
-        lin = torch.nn.Linear(run.e1.orig.shape[1], run.caption_mean.shape[1])
+        lin = torch.nn.Linear(run.feats.orig.shape[1], run.caption_mean.shape[1])
         lin.load_state_dict(weights)
         return lin.eval()
     return run_text_space_map(run)
@@ -67,8 +67,8 @@ def untrained_features(run, spec: MethodSpec, model=None) -> np.ndarray:
 
         return model.encode_images(to_float(load_images(run.ds, run.rows, run.cfg.data.image_size)))
     if spec.base == "bliss":
-        return model(run.e1.orig.float()).numpy().astype(np.float32)
-    return run.e1.orig.numpy().astype(np.float32)
+        return model(run.feats.orig.float()).numpy().astype(np.float32)
+    return run.feats.orig.numpy().astype(np.float32)
 
 
 def fit_detectors(run, spec: MethodSpec, h: np.ndarray, scorers: list[str], model=None) -> dict:
@@ -126,7 +126,7 @@ def cmda_pairs(run):
     from ..cmda import cmda_partners
 
     n, e1 = run.n_train, run.e1.model
-    img = F.normalize(e1.image.eval()(run.e1.orig[:n].float()), dim=-1)  # (N, D)
+    img = F.normalize(e1.image.eval()(run.feats.orig[:n].float()), dim=-1)  # (N, D)
     txt = F.normalize(e1.text.eval()(run.captions[:n].float()), dim=-1).mean(1)  # (N, D) mean over captions
     sim = (F.normalize(txt, dim=-1) @ img.T).numpy()  # (N, N): row i = captions of i, column j = image j
     partners, weights = cmda_partners(sim, run.cfg.cmda.neighbors, run.cfg.cmda.max_mix)

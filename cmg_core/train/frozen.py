@@ -9,55 +9,85 @@
 """
 from __future__ import annotations
 
+import functools
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..artifacts import load_model, model_path
-from ..features import (Trunk, augmented_view_features, cached_mask_features, stored_trunk_features,
-                        trunk_feature_spec)
+from ..config import mask_apply
+from ..encoders import trunk_key_parts, trunk_settings
+from ..features import (Trunk, augmented_view_features, cached_mask_features, cached_trunk_features,
+                        stored_trunk_features, trunk_feature_spec)
 from ..models import E2Head, ImageHead, TextProjection
 from ..runs import write_npy
 from ..stages import E1Model, _batches, _feature_views, _restore, _snapshot, e2_features, train_e1
 from ..utils import resolve_trunk_precision
 from ..methods import MethodSpec
 from .nets import bn_train_copy
+from .records import VIEW_CACHES
 from .objective import Guidance, e2_step_loss
 
 
 def build_trunk(cfg, device) -> Trunk:
-    m = cfg.model
-    return Trunk.build(m.trunk, m.pretrained, device, precision=resolve_trunk_precision(m.trunk_precision,
-                       device), weights=m.backbone_weights if m.trunk != "efficientnet_lite0" else None,
-                       cifar_stem=m.cifar_stem if m.trunk != "efficientnet_lite0" else False)
+    """The run's frozen trunk on `device` (`encoders.trunk_settings`: hub trunks pool feature maps for
+    cmer.apply: feature). Built once per process for the same settings, precision, device and weights files (a
+    fit and the Predictor it returns share it): the trunk is frozen, so sharing it changes nothing."""
+    settings = trunk_settings(cfg.model, mask_apply(cfg))
+    return _shared_trunk(json.dumps(settings, sort_keys=True), resolve_trunk_precision(cfg.model.trunk_precision,
+                         device), str(device), json.dumps(trunk_key_parts(**settings), sort_keys=True))
 
 
-class FrozenE1:
-    """E1 head on frozen-trunk features; the features double as RID's input."""
+@functools.lru_cache(maxsize=2)
+def _shared_trunk(settings: str, precision: str, device: str, identity: str) -> Trunk:
+    """`Trunk.build` of JSON `settings`; `identity` (the weights files' identity) is part of the cache key only."""
+    return Trunk.build(device=torch.device(device), precision=precision, **json.loads(settings))
 
-    def __init__(self, run):
+
+class TrunkFeatures:
+    """The frozen trunk's features of every row: orig (R, F) and, when a method needs CMER, its masked variants
+    (R, M, F) (cached on disk, or read from a packed file that stores them)."""
+
+    def __init__(self, run, masked: bool = True):
         self.run = run
         cfg = run.cfg
         self._trunk = None
+        self.masked = None
         spec = trunk_feature_spec(cfg.model.trunk, cfg.data.image_size, cfg.model.trunk_image_size,
-                                  cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value, run.mask_apply)
+                                  cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value, run.mask_apply,
+                                  key_parts=trunk_key_parts(**trunk_settings(cfg.model, run.mask_apply)))
         stored = stored_trunk_features(run.ds, spec)
         if stored is not None:  # a packed file carries them: no trunk (nor its weights) needed
-            orig, masked = stored
+            orig, variants = stored
             run.log("trunk features: read from the packed file (stored in float16)")
+        elif masked:
+            orig, variants = cached_mask_features(run.ds, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
+                                                  cfg.cmer.mask, cfg.cmer.soft_value, progress=run.progress,
+                                                  apply=run.mask_apply, trunk_size=cfg.model.trunk_image_size)
         else:
-            orig, masked = cached_mask_features(run.ds, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
-                                                cfg.cmer.mask, cfg.cmer.soft_value, progress=run.progress,
-                                                apply=run.mask_apply, trunk_size=cfg.model.trunk_image_size)
+            orig, variants = cached_trunk_features(run.ds, self.trunk, cfg.data.image_size, progress=run.progress,
+                                                   trunk_size=cfg.model.trunk_image_size), None
         self.orig = torch.from_numpy(orig[run.rows])  # (R, F)
-        self.masked = torch.from_numpy(masked[run.rows])  # (R, M, F)
-        run.log(f"trunk features: {tuple(self.orig.shape)} images, {tuple(self.masked.shape)} masked variants")
+        if masked:
+            self.masked = torch.from_numpy(variants[run.rows])  # (R, M, F)
+        run.log(f"trunk features: {tuple(self.orig.shape)} images" +
+                (f", {tuple(self.masked.shape)} masked variants" if masked else ""))
 
     @property
     def trunk(self):
         if self._trunk is None:
             self._trunk = build_trunk(self.run.cfg, self.run.device)
         return self._trunk
+
+
+class FrozenE1:
+    """E1 head on frozen-trunk features (`TrunkFeatures` with masked variants); the features double as RID's
+    input."""
+
+    def __init__(self, run, feats: TrunkFeatures):
+        self.run, self.orig, self.masked = run, feats.orig, feats.masked
 
     def _model(self) -> E1Model:
         cfg = self.run.cfg
@@ -79,6 +109,7 @@ class FrozenE1:
                           on_epoch=run.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
             run.save_model(path, {**{f"image.{k}": v for k, v in e1.image.state_dict().items()},
                                   **{f"text.{k}": v for k, v in e1.text.state_dict().items()}}, encoder="frozen")
+            run.drop_checkpoint("e1")  # superseded by the final model
         self.model = e1  # cmda picks its mixing partners with it
         scores = e1.score(self.masked, run.captions, cfg.cmer.caption_reduce).numpy()
         return scores, self.orig, self.masked
@@ -87,18 +118,18 @@ class FrozenE1:
 class HeadE2:
     """E2 = MLP head on frozen-trunk features (the `frozen` profile)."""
 
-    def __init__(self, run, e1: FrozenE1):
-        self.run, self.e1 = run, e1
+    def __init__(self, run, feats: TrunkFeatures):
+        self.run, self.feats = run, feats
 
     def _views(self, er: bool) -> torch.Tensor:
         run, cfg = self.run, self.run.cfg
-        path = run.ckpt / ("views_er.npy" if er else "views_plain.npy")
+        path = run.ckpt / VIEW_CACHES[0 if er else 1]
         if path.is_file():
             return torch.from_numpy(np.load(path))
         from ..features import load_images
 
         images = load_images(run.ds, run.rows[: run.n_train], cfg.data.image_size)
-        views = augmented_view_features(images, run.cmer_label[: run.n_train] if er else None, self.e1.trunk,
+        views = augmented_view_features(images, run.cmer_label[: run.n_train] if er else None, self.feats.trunk,
                                         cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value,
                                         cfg.e2.n_views, run.stage_seed(3), progress=run.progress,
                                         apply=run.mask_apply)
@@ -109,14 +140,14 @@ class HeadE2:
         """(R, F) trunk features E2 sees for each row: the variant masked by masks[row] ((R,) mask indices, -1 =
         unmasked; None = no masks), else the original."""
         if masks is None:
-            return self.e1.orig
+            return self.feats.orig
         m = torch.from_numpy(np.asarray(masks))
-        picked = self.e1.masked[torch.arange(len(m)), m.clamp(min=0)]
-        return torch.where((m >= 0).unsqueeze(1), picked, self.e1.orig)
+        picked = self.feats.masked[torch.arange(len(m)), m.clamp(min=0)]
+        return torch.where((m >= 0).unsqueeze(1), picked, self.feats.orig)
 
     def build(self, text_dim: int | None) -> E2Head:
         cfg = self.run.cfg
-        return E2Head(self.e1.orig.shape[1], cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
+        return E2Head(self.feats.orig.shape[1], cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
 
     @torch.no_grad()
     def embed(self, head: E2Head, spec: MethodSpec, rows: np.ndarray | None = None, masks: np.ndarray | None = None,
@@ -134,8 +165,8 @@ class HeadE2:
         """NT-Xent on cached augmented feature views (+ the method's guidance), final-epoch head."""
         run, cfg, n = self.run, self.run.cfg, self.run.n_train
         e2 = run.e2_config(spec)
-        clean = (self.e1.masked[torch.arange(n), torch.from_numpy(run.cmer_label[:n])] if spec.er
-                 else self.e1.orig[:n])  # (N, F) E2 trains on CMER's choice
+        clean = (self.feats.masked[torch.arange(n), torch.from_numpy(run.cmer_label[:n])] if spec.er
+                 else self.feats.orig[:n])  # (N, F) E2 trains on CMER's choice
         views = self._views(spec.er)
         state, save = run.checkpoint(f"e2_{run.slug(spec)}", "e2", spec.name)
         torch.manual_seed(run.stage_seed(5))

@@ -64,7 +64,7 @@ class Guidance:
         return self
 
 
-def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor, cmle_cfg, mse_weight: float,
+def build_guidance(spec: MethodSpec, caption_mean: torch.Tensor | None, cmle_cfg, mse_weight: float,
                    clusters_and_weights, class_labels: np.ndarray | None = None, cmda=None,
                    supcon_per_batch: bool = False) -> Guidance:
     """Guidance of one method. caption_mean (N, T) of the training images; `clusters_and_weights()` returns

@@ -86,10 +86,16 @@ def write_results(run, results: dict) -> None:
     write_json(run.run_dir / "metrics.json", {m: r["metrics"] for m, r in results.items()})
 
 
+VIEW_CACHES = ("views_er.npy", "views_plain.npy")  # frozen.HeadE2's per-run caches under checkpoints/
+
+
 def finish_run(run, results: dict, t0: float, skipped: list | None = None) -> None:
     """Write scores.csv and metrics.json and mark the run done (or `partial` when a time budget stopped it
     before `skipped` methods; running `cmg train` again trains those)."""
     write_results(run, results)
+    if not skipped:  # finished: the cached augmented views only served resuming E2
+        for name in VIEW_CACHES:
+            (run.ckpt / name).unlink(missing_ok=True)
     run.w.update_info(status="partial" if skipped else "done", skipped_methods=skipped or [],
                       finished=time.time(), wall_time_s=time.time() - t0, stage_seconds=getattr(run, "seconds", {}))
     run.progress("done", 1, 1)

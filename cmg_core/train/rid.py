@@ -56,6 +56,7 @@ def _load_or_train(run, name: str, feature_dim: int, train) -> RID:
     if not path.is_file():
         rid = train()
         run.save_model(path, rid.state_dict())
+        run.drop_checkpoint(name)  # superseded by the final model
         return rid
     rid = RID(feature_dim, tuple(cfg.cmer.rid_hidden), dropout=cfg.cmer.rid_dropout)
     rid.load_state_dict(load_model(path)[0])

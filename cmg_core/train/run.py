@@ -32,13 +32,13 @@ from ..detector import detector_from_state
 from ..errors import CMGError, ConfigError, DataError
 from ..features import load_images, to_float
 from ..masks import grid_masks
-from ..protocol import Scoring, departures, run_scoring, scoring_masks
+from ..protocol import Scoring, departures, run_scoring, scoring_masks, scoring_needs
 from ..runs import RunWriter, method_slug, write_csv, write_npy
 from ..stages import mean_caption_embedding
 from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
-from ..methods import MethodSpec, parse_method
+from ..methods import MethodSpec, check_needs, parse_method, run_needs
 from .baselines import (cmda_pairs, fit_detectors, untrained_features, untrained_model,
                         write_language_explainer)
 from .objective import build_guidance
@@ -66,6 +66,8 @@ class Run:
         self._progress_cb = progress
         self.mask_apply = mask_apply(cfg)
         self._clusters = None
+        self.feats = None  # the frozen trunk's features (frozen.TrunkFeatures), when a stage needs them
+        self.captions = self.caption_mean = None  # caption embeddings, when a method reads captions
         error = None
         if self.main:
             try:
@@ -116,6 +118,11 @@ class Run:
         state = torch.load(path, weights_only=True) if path.is_file() else None
         self.w.clear_history(stage, method, after_epoch=int(state["epoch"]) if state else 0)
         return state, lambda epoch, st: self.save(st, path)
+
+    def drop_checkpoint(self, name: str) -> None:
+        """Remove checkpoints/<name>.pt once its stage's final model is saved (rank 0)."""
+        if self.main:
+            (self.ckpt / f"{name}.pt").unlink(missing_ok=True)
 
     def epoch_cb(self, total: int, label: str):
         def cb(rec: dict) -> None:
@@ -193,6 +200,8 @@ class Run:
         self.class_labels = np.array([ids.get(int(labels[r]), -1) for r in self.rows])
         self.roles = np.array(["train"] * self.n_train + ["test"] * len(t.test_idx))
         self.specs = [parse_method(m, cfg.cmle.loss) for m in cfg.train.methods]
+        self.needs = run_needs(self.specs) | scoring_needs((self.scoring, *self.extra_scorings))
+        check_needs(self.specs, self.ds, cfg.data)
         if not self.main:
             return
         save_config(cfg, self.run_dir / "config.yaml")
@@ -228,6 +237,19 @@ class Run:
                                 ).to(self.device)
         self.progress("images", 1, 1)
 
+    def needs_trunk(self) -> bool:
+        """Whether the run needs the frozen trunk's features: the frozen profile's E2 heads, a frozen E1, or a
+        method without E2 (raw, bliss)."""
+        frozen_e1 = "e1" in self.needs and self.cfg.e1.encoder == "frozen"
+        return self.cfg.model.profile == "frozen" or frozen_e1 or any(not s.trained for s in self.specs)
+
+    def trunk_features(self) -> None:
+        """The frozen trunk's features of every row (rank 0), with masked variants only when CMER needs them."""
+        from .frozen import TrunkFeatures
+
+        masked = "e1" in self.needs and self.cfg.e1.encoder == "frozen"
+        self.feats = TrunkFeatures(self, masked=masked) if self.main else None
+
     def e1_and_cmer(self) -> None:
         """E1 (Eq.1) and CMER's labels (Eq.2); RID's inputs are kept for `rid`."""
         from .frozen import FrozenE1
@@ -239,7 +261,7 @@ class Run:
             self.e1 = End2EndE1(self)
             out = self.e1.train_and_score()
         else:
-            self.e1 = FrozenE1(self) if self.main else None
+            self.e1 = FrozenE1(self, self.feats) if self.main else None
             out = self.e1.train_and_score() if self.main else None
         out = D.broadcast_object(out if self.main else None)
         self.e1_scores, self.rid_orig, self.rid_masked = out
@@ -255,7 +277,8 @@ class Run:
 
     def scoring_masks(self, spec: MethodSpec, scoring: Scoring) -> np.ndarray | None:
         """(R,) the mask index of each row when `spec`'s features are scored under `scoring` (-1 unmasked)."""
-        choices = {"rid": self.rid_choice, "captions": self.cmer_label, "rid_test": self.rid_test_choice}
+        choices = {"rid": getattr(self, "rid_choice", None), "captions": getattr(self, "cmer_label", None),
+                   "rid_test": getattr(self, "rid_test_choice", None)}  # the stages the run's needs ran
         return scoring_masks(scoring, spec.er, choices, self.is_anomaly)
 
     def items_per_image(self) -> int:
@@ -297,7 +320,7 @@ class Run:
             if self.cfg.model.profile == "frozen":
                 from .frozen import HeadE2
 
-                self._e2 = HeadE2(self, self.e1)
+                self._e2 = HeadE2(self, self.feats)
             else:
                 from .end2end import End2EndE2
 
@@ -323,7 +346,8 @@ class Run:
         else:
             model, text_dim = untrained_model(self, spec), 0
             if spec.trained:
-                g = build_guidance(spec, self.caption_mean[:n], cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights,
+                caps = self.caption_mean[:n] if self.caption_mean is not None else None
+                g = build_guidance(spec, caps, cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights,
                                    self.class_labels[:n], lambda: cmda_pairs(self),
                                    supcon_per_batch=cfg.protocol.supcon_labels == "batch")
                 model = backend.train(spec, g, epoch_evaluator(self, backend, spec, self.extra_scorings))
@@ -338,7 +362,7 @@ class Run:
                             {s: d.state_dict() for s, d in dets.items()}, method=spec.name, text_dim=int(text_dim),
                             uses_er=spec.er)
             if spec.trained:
-                (self.ckpt / f"e2_{self.slug(spec)}.pt").unlink(missing_ok=True)  # superseded by the final model
+                self.drop_checkpoint(f"e2_{self.slug(spec)}")  # superseded by the final model
                 D.barrier()
         write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
         return report_best_epoch(self, spec, score_method(self, spec, h, dets))
@@ -364,12 +388,17 @@ class Run:
             return out
 
         try:
-            timed("data", self.prepare)
-            timed("text", self.text)
+            timed("data", self.prepare)  # then only the stages a chosen method needs (cmg_core.methods)
+            if "captions" in self.needs:
+                timed("text", self.text)
             if self.cfg.model.profile == "end2end":
                 timed("data", self.images_on_device)
-            timed("e1+cmer", self.e1_and_cmer)
-            timed("rid", self.rid)
+            if self.needs_trunk():
+                timed("trunk", self.trunk_features)
+            if "e1" in self.needs:
+                timed("e1+cmer", self.e1_and_cmer)
+            if "rid" in self.needs:
+                timed("rid", self.rid)
             results, skipped = {}, []
             deadline = float(os.environ.get("CMG_DEADLINE", "inf"))  # unix time; set by time-boxed drivers
             for i, spec in enumerate(self.specs):
@@ -382,7 +411,8 @@ class Run:
                 if self.main:  # finished methods are on disk even if the process is stopped later
                     write_results(self, results)
             if self.main:
-                timed("language", write_language_explainer, self)
+                if "captions" in self.needs and self.feats is not None:  # explanations in words need text
+                    timed("language", write_language_explainer, self)
                 finish_run(self, results, t0, skipped)
         except BaseException as exc:
             if self.main and hasattr(self, "w"):
