@@ -1,4 +1,5 @@
-"""Tables derived from a run folder for display; all metric math comes from `cmg_core.metrics`."""
+"""Tables derived from a run folder for display; all metric math comes from `cmg_core.metrics` and
+`cmg_core.significance`."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cmg_core.errors import DataError
+from cmg_core.significance import paired_comparisons
 
 from .state import RunData
 
@@ -137,6 +139,16 @@ def ci_table(records: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
                 row[k], row[f"{k}_ci"] = mean, half
         out[m] = row
     return pd.DataFrame.from_dict(out, orient="index")
+
+
+def paired_table(exp: Any) -> pd.DataFrame:
+    """`cmg_core.significance.paired_comparisons` (columns as in significance.csv) of the per-task records of
+    analysis/experiment.json (`exp`: its per_task rows carry seed, method, scorer, auroc); empty when they are not
+    there."""
+    per_task = pd.DataFrame(_records_from(exp))
+    if per_task.empty or not {"seed", "method", "auroc"} <= set(per_task.columns):
+        return pd.DataFrame()
+    return paired_comparisons(per_task)
 
 
 def fig9_data(run: RunData) -> pd.DataFrame | None:

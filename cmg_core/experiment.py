@@ -2,7 +2,8 @@
 data behind each analysis figure. Finished tasks are reused, so an interrupted experiment resumes.
 
 Output (`<experiment.out_dir>/<name>/`): config.yaml, task_seed<k>/ run folders (+ task_seed<k>_mask_<m>/ for
-Fig.9), results.csv (per task and method), summary.csv, results.md, analysis/*.json. Every task's run folder
+Fig.9), results.csv (per task and method), summary.csv, significance.csv (paired comparisons against ssd and
+raw@knn, `cmg_core.significance`), results.md, analysis/*.json. Every task's run folder
 also gets analysis/experiment.json (the whole table) so the app can show confidence intervals.
 """
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Callable
 import pandas as pd
 
 from .config import RunConfig, load_config, save_config, to_dict
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .metrics import mean_ci
 from .protocol import departures
 from .runs import Run, write_csv, write_json, write_text
+from .significance import paired_comparisons, significance_markdown
 from .methods import primary_scorer, split_key
 from .train import method_label, train_run
 from .utils import machine_description
@@ -73,6 +75,15 @@ def summarize(per_task: pd.DataFrame) -> pd.DataFrame:
             row[m], row[f"{m}_ci95"] = mean, hw
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def significance_of(exp_dir: str | Path) -> pd.DataFrame:
+    """The paired comparisons (`cmg_core.significance.paired_comparisons`, columns as in significance.csv) of an
+    experiment folder's results.csv, e.g. for an experiment written before significance.csv existed."""
+    path = Path(exp_dir) / "results.csv"
+    if not path.is_file():
+        raise DataError(f"{exp_dir} has no results.csv: not a finished experiment folder (`cmg experiment` writes it)")
+    return paired_comparisons(pd.read_csv(path))
 
 
 def time_split(runs) -> str:
@@ -145,9 +156,11 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
             mask_runs[seed] = train_or_reuse(task_config(cfg, exp_dir, seed, other), progress, log)
     per_task = pd.DataFrame(rows)
     summary = summarize(per_task)
+    paired = paired_comparisons(per_task)
     split = time_split(runs.values())
     write_csv(exp_dir / "results.csv", per_task)
     write_csv(exp_dir / "summary.csv", summary)
+    write_csv(exp_dir / "significance.csv", paired)
     wall = time.time() - t0
     write_text(exp_dir / "results.md",
         f"# {cfg.name}: {len(runs)} tasks ({cfg.data.name}, profile {cfg.model.profile})\n\n"
@@ -157,7 +170,7 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, log: Callab
         f"trunk's features, no training.\n\nProtocol: {protocol_words(cfg)}\n\n{markdown_table(summary)}\n\nWall time of this invocation: {wall:.0f} s "
         "(tasks finished earlier are reused, not retrained).\n\n"
         f"{split}\n\n"
-        f"Machine: {machine_description(cfg.train.device)}\n")
+        f"Machine: {machine_description(cfg.train.device)}\n\n{significance_markdown(paired)}\n")
     table = {"per_task": per_task.to_dict("records"), "summary": summary.to_dict("records")}
     if analyses:
         from .figures import write_analyses

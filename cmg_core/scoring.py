@@ -137,7 +137,10 @@ def precision_factor(train: np.ndarray, covariance: str = "shrinkage") -> tuple[
         a, b = shrink * mu, 1.0 - shrink
         if not a > 0 or not b > 0:
             return None
-        chol, _ = cho_factor(a / b * np.eye(n) + u @ u.T, lower=True)
+        try:
+            chol, _ = cho_factor(a / b * np.eye(n) + u @ u.T, lower=True)
+        except np.linalg.LinAlgError:  # a / b below rounding of U U^T (next to no shrinkage): the dense pinvh
+            return None
         return mean, 1.0 / a, -1.0, solve_triangular(np.tril(chol), u, lower=True) / np.sqrt(a)
     _, sv, vt = np.linalg.svd(u, full_matrices=False)
     rtol = 1e-15 if covariance == "pinv" else d * np.finfo(np.float64).eps

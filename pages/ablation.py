@@ -6,7 +6,8 @@ import streamlit as st
 
 from app import plots
 from app.components import guard, require_run, require_table
-from app.tables import ci_table, experiment_records, fig9_data, metrics_table, per_task_box, roc_data
+from app.tables import ci_table, experiment_records, fig9_data, metrics_table, paired_table, per_task_box, roc_data
+from cmg_core.significance import significance_note
 
 EXPERIMENT_HINT = ("`cmg experiment` writes it (per-task results in `analysis/experiment.json`, "
                    "box-plot data in `analysis/fig9.json`).")
@@ -56,6 +57,18 @@ def metrics_section(run) -> None:
         st.info("No metrics yet (metrics.json is written when scoring finishes).")
     if rec.empty:
         st.info("No confidence intervals: this run has no per-task results. " + EXPERIMENT_HINT)
+
+
+def paired_section(run) -> None:
+    """The experiment's paired comparisons against ssd and raw@knn (shown only for a run with per-task results)."""
+    exp = run.analysis("experiment")
+    paired = paired_table(exp) if exp else pd.DataFrame()
+    if paired.empty:
+        return
+    st.markdown("**Paired comparisons over tasks** (AUROC, method − reference):")
+    st.dataframe(paired.drop(columns="metric"), hide_index=True, width="stretch")
+    st.caption(significance_note(paired) + " (`cmg_core.significance`; `cmg experiment` writes it to "
+               "significance.csv and results.md)")
 
 
 def e2_history(run) -> pd.DataFrame:
@@ -154,6 +167,7 @@ def render() -> None:
     if run is None:
         return
     for name, fn in (("the ROC curves", roc_section), ("the metrics table", metrics_section),
+                     ("the paired comparisons", paired_section),
                      ("the convergence curves", convergence_section), ("CMLE vs MSE", cmle_vs_mse),
                      ("the Fig. 9 box plot", fig9_section)):
         with guard(name):

@@ -272,6 +272,9 @@ def test_ablation_with_and_without_analysis():
     assert "±" in str(ci.iloc[0]["AUROC %"]) and ci["tasks"].eq(4).all()
     specs = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
     assert "CMG AUROC by mask type" in specs and "RID validation accuracy by mask type" in specs
+    paired = [d.value for d in at.dataframe if "wilcoxon_p_holm" in d.value.columns]  # cmg_core.significance
+    assert len(paired) == 1 and list(paired[0].method) == ["ssd+er", "ssd+le", "cmg", "cmg-mse"] and \
+        paired[0].n.eq(4).all() and "0.0625" in texts(at)  # against ssd only: the fake has no raw@knn
     at = open_page("ablation", run="fake_bare")
     assert_clean(at)
     t = texts(at)
@@ -466,6 +469,10 @@ def test_training_command_and_overrides_validate():
 
     with pytest.raises(ConfigError):
         training.validate(training.DEFAULT_CONFIG, training.build_overrides("r", "/tmp", methods=["nope"]))
+    from cmg_core.methods import method_choices
+
+    assert training.METHOD_CHOICES == tuple(method_choices())  # the Train page offers every registered method
+    assert {"raw", "cmda", "she", "bliss"} <= set(training.METHOD_CHOICES)
 
 
 def test_training_launch_progress_and_finish(tmp_path):

@@ -118,8 +118,9 @@ def test_knn_score_matches_a_brute_force_reference(k):
     det = KNNDetector(k=k).fit(train)
     np.testing.assert_allclose(det.score(test), _knn_reference(train, test, k), rtol=1e-8)
     np.testing.assert_allclose(det.decision_function(test), det.score(test))
-    back = KNNDetector.from_state_dict(det.state_dict())  # what a run folder stores
-    np.testing.assert_allclose(back.score(test), det.score(test), rtol=1e-12)
+    back = KNNDetector.from_state_dict(det.state_dict())  # what a run folder stores: float32 features
+    assert det.state_dict()["train_"].dtype == np.float32
+    np.testing.assert_allclose(back.score(test), det.score(test), rtol=1e-6)
     assert back.threshold_ == det.threshold_ and back.calibrated_
     if k == 1:  # in sample, each point is its own nearest neighbour
         assert np.allclose(det.train_scores_, 0, atol=1e-6)
@@ -159,3 +160,48 @@ def test_knn_errors_name_the_setting():
         load_config(None, ["detector.scorers=[mahalanobis, lof]"])
     with pytest.raises(ConfigError, match="detector.knn_k"):
         load_config(None, ["detector.knn_k=0"])
+
+
+@pytest.mark.parametrize("covariance", ["shrinkage", "pinv", "empirical"])
+def test_precision_factor_equals_the_dense_precision(covariance):
+    """N < D: the factored precision (Woodbury for Ledoit-Wolf, SVD for the pseudo-inverses) gives the dense
+    precision's distances without a (D, D) matrix; N >= D: no factor (the dense one is no larger)."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    from cmg_core.scoring import (factored_mahalanobis_sq, fit_gaussian, ledoit_wolf_shrinkage_gram,
+                                  mahalanobis_sq, precision_factor)
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(12, 30)) @ rng.normal(size=(30, 30))
+    test = rng.normal(size=(7, 30)) * 3
+    mean, precision = fit_gaussian(train, covariance)
+    factor = precision_factor(train, covariance)
+    assert factor[3].shape[0] <= 12 and np.allclose(factor[0], mean)
+    for x in (train, test):
+        np.testing.assert_allclose(factored_mahalanobis_sq(x, *factor), mahalanobis_sq(x, mean, precision),
+                                   rtol=1e-8, atol=1e-8)
+    centered = train - train.mean(0)
+    assert np.isclose(ledoit_wolf_shrinkage_gram(centered), ledoit_wolf_shrinkage(centered, assume_centered=True))
+    assert precision_factor(rng.normal(size=(40, 30)), covariance) is None
+
+
+def test_detector_with_fewer_images_than_dimensions_stores_a_factor():
+    rng = np.random.default_rng(5)
+    train, test = rng.normal(size=(20, 64)), rng.normal(size=(6, 64))
+    det = MahalanobisDetector(calibration_folds=4).fit(train)
+    assert det.factors_.shape[1:] == (20, 64) and not hasattr(det, "precisions_")
+    dense = MahalanobisDetector(calibration_folds=4)
+    dense.mean_, dense.std_, dense.scale_ = det.mean_, det.std_, det.scale_
+    dense.means_ = det.means_
+    dense.precisions_ = np.stack([fit_gaussian_of(det, train)])
+    np.testing.assert_allclose(det.score(test), dense.score(test), rtol=1e-8)
+    back = MahalanobisDetector.from_state_dict(det.state_dict())
+    np.testing.assert_allclose(back.score(test), det.score(test), rtol=1e-12)
+    assert "precisions_" not in det.state_dict() and back.threshold_ == det.threshold_
+
+
+def fit_gaussian_of(det, train):
+    """The dense Ledoit-Wolf precision of the detector's standardised training features."""
+    from cmg_core.scoring import fit_gaussian
+
+    return fit_gaussian(det._standardize(train), "shrinkage")[1]

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from cmg_core.config import load_config
-from cmg_core.experiment import markdown_table, run_experiment, summarize
+from cmg_core.experiment import markdown_table, run_experiment, significance_of, summarize
 from cmg_core.metrics import mean_ci
+from cmg_core.significance import COLUMNS
 
 TINY = ["data.options={n_per_class: 20, classes: 4}", "task.normal_classes=null", "task.n_normal=2",
         "e1.epochs=5", "cmer.rid_epochs=5", "e2.epochs=2", "e2.n_views=1", "model.head_hidden=64",
@@ -36,6 +37,12 @@ def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
     summary = pd.read_csv(exp / "summary.csv")
     assert {"auroc", "auroc_ci95", "aupr_ci95", "fpr95_ci95"} <= set(summary.columns)
     assert "±" in (exp / "results.md").read_text()
+    paired = pd.read_csv(exp / "significance.csv")  # 12 scored keys: 11 against ssd, 10 more against raw@knn
+    assert list(paired.columns) == list(COLUMNS) and len(paired) == 21 and (paired.n == 2).all()
+    assert {"raw@knn", "cmg[lle]", "cmg[lle]@knn"} <= set(paired.query("reference == 'ssd'").method)
+    assert "## Paired comparisons (AUROC)" in (exp / "results.md").read_text()
+    numbers = [c for c in COLUMNS if c != "note"]
+    pd.testing.assert_frame_equal(significance_of(exp)[numbers], paired[numbers])
     # different seeds draw different normal classes
     normals = [json.loads((exp / f"task_seed{s}" / "run.json").read_text())["normal_classes"] for s in (0, 1)]
     assert normals[0] != normals[1]

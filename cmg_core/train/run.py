@@ -22,7 +22,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from .. import distributed as D
 from ..cmle import cmle_weights, fit_caption_clusters
@@ -30,7 +29,7 @@ from ..config import RunConfig, mask_apply, save_config
 from ..data import load_data, make_task
 from ..detector import detector_from_state
 from ..errors import CMGError, ConfigError, DataError
-from ..features import load_images, to_float
+from ..features import load_images
 from ..masks import grid_masks
 from ..protocol import Scoring, departures, run_scoring, scoring_masks, scoring_needs
 from ..runs import RunWriter, method_slug, write_csv, write_npy
@@ -39,6 +38,7 @@ from ..utils import resolve_device, resolve_trunk_precision, seed_everything
 from ..artifacts import load_model, model_path, save_model
 from .nets import save_atomic
 from ..methods import MethodSpec, check_needs, parse_method, run_needs
+from .devices import RunDevices
 from .baselines import (cmda_pairs, fit_detectors, untrained_features, untrained_model,
                         write_language_explainer)
 from .objective import build_guidance
@@ -50,7 +50,7 @@ from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mar
 Progress = Callable[[str, int, int], None]
 
 
-class Run:
+class Run(RunDevices):
     """State of one run while it trains; `run()` is the whole straight line."""
 
     def __init__(self, cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False,
@@ -134,48 +134,6 @@ class Run:
     def want_checkpoint(self, epoch: int, total: int) -> bool:
         every = max(int(self.cfg.train.checkpoint_every), 1)
         return epoch % every == 0 or epoch == total
-
-    # --- devices and processes (end2end) -----------------------------------------------------------
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
-
-    def to_device(self, model: nn.Module) -> nn.Module:
-        """On the run's device in channels_last (faster convolutions on GPUs and CPUs alike)."""
-        return model.to(self.device).to(memory_format=torch.channels_last)
-
-    def ddp(self, model: nn.Module) -> nn.Module:
-        if not self.dist.distributed:
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
-
-    def sync_bn(self, model: nn.Module) -> nn.Module:
-        if self.dist.distributed and self.device.type == "cuda":
-            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model
-
-    def sampler(self, n: int, seed: int):
-        from torch.utils.data import DistributedSampler
-
-        return DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed,
-                                  drop_last=self.world > 1)
-
-    def log_shards(self, stage: str, epoch: int, shard: list[int]) -> None:
-        """Under torchrun: every rank's training rows of an epoch, in the log (shards are disjoint)."""
-        shards = D.all_gather_object([int(i) for i in shard])
-        if self.world > 1:
-            import json
-
-            self.log(f"shards {stage} epoch {epoch}: " + json.dumps({str(r): s for r, s in enumerate(shards)}))
-
-    def batch(self, idx: torch.Tensor, masks: np.ndarray | None = None) -> torch.Tensor:
-        """Float images of rows `idx` on the device, multiplied by masks[index] per row when given (-1: unmasked)."""
-        x = to_float(self.images[idx.to(self.images.device)])
-        if masks is not None:
-            pick = np.asarray(masks[idx.cpu().numpy()]) % (len(self.masks) + 1)  # -1 -> the all-ones mask
-            x = x * torch.cat([self.masks, torch.ones_like(self.masks[:1])])[torch.as_tensor(pick, device=self.device)]
-        return x.contiguous(memory_format=torch.channels_last)
 
     # --- stages ------------------------------------------------------------------------------------
     def prepare(self) -> None:
