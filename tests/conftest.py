@@ -21,3 +21,23 @@ def ucm_root() -> Path:
     if not (UCM_ROOT / "dataset_ucm_captions.json").is_file():
         pytest.skip(f"real UCM-captions data not found at {UCM_ROOT}")
     return UCM_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny randomly initialised CLIP (open_clip model config + checkpoint file), standing in for local weights:
+    (config JSON path, checkpoint path)."""
+    import json
+
+    import torch
+
+    open_clip = pytest.importorskip("open_clip")
+    d = tmp_path_factory.mktemp("clip")
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "tiny-clip.json").write_text(json.dumps(arch))
+    open_clip.add_model_config(d / "tiny-clip.json")
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), d / "tiny-clip.pt")
+    return d / "tiny-clip.json", d / "tiny-clip.pt"

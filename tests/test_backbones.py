@@ -76,21 +76,6 @@ def test_timm_trunk_random_and_from_a_weights_file(images, tmp_path):
         native.feature_maps(images[:1])
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny randomly initialised CLIP (open_clip model config + checkpoint), as tests/test_baselines.py makes."""
-    open_clip = pytest.importorskip("open_clip")
-    d = tmp_path_factory.mktemp("clip")
-    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                                            "head_width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (d / "tiny-clip.json").write_text(json.dumps(arch))
-    open_clip.add_model_config(d / "tiny-clip.json")
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), d / "tiny-clip.pt")
-    return d / "tiny-clip.json", d / "tiny-clip.pt"
-
-
 def test_open_clip_image_tower(tiny_clip, images):
     from cmg_core.encoders.clip import CLIPEncoder
 

@@ -156,25 +156,6 @@ def test_bliss_through_the_python_api(bliss_run):
         BLISS(scorer="knn")
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny randomly initialised CLIP (open_clip model config + checkpoint file), standing in for local weights."""
-    import json
-
-    import torch
-
-    open_clip = pytest.importorskip("open_clip")
-    d = tmp_path_factory.mktemp("clip")
-    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                                            "head_width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (d / "tiny-clip.json").write_text(json.dumps(arch))
-    open_clip.add_model_config(d / "tiny-clip.json")
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), d / "tiny-clip.pt")
-    return d / "tiny-clip.json", d / "tiny-clip.pt"
-
-
 def test_bliss_with_a_local_clip(tiny_clip, tmp_path):
     """With `bliss.clip_model` / `bliss.clip_weights`, BLISS embeds images and prompts with that CLIP (open_clip,
     local weights): the run stores no CLIP weights, and the Predictor reproduces its scores from the run folder."""
