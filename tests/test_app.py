@@ -696,3 +696,19 @@ def test_reproduction_page_shows_the_audit_fig10_and_masks(tmp_path, monkeypatch
         ["honest protocol", "best_epoch", "+ test_captions"]
     assert any("RID ≠ caption-guided" in m.label for m in at.metric)
     assert len(at.get("image")) == 2  # one test image under RID's mask and under the caption-guided one
+
+
+def test_upload_results_of_a_run_without_rid():
+    """A run whose methods need no RID (raw, ssd, she) explains an upload without masks: the table, the report and
+    the overlay say so instead of failing on a missing region."""
+    from PIL import Image
+
+    from app.uploads import UploadResult, chosen_overlay, report_lines, results_table
+
+    img = Image.new("RGB", (32, 32))
+    res = {"rid_choice": None, "rid_probs": None, "masked_image": None, "variants": [], "scores": {"raw@knn": 0.9},
+           "percentiles": {"raw@knn": 97.0}, "thresholds": {"raw@knn": 0.7}, "anomalous": {"raw@knn": True}}
+    r = UploadResult(name="a.png", ok=True, image=img, result=res)
+    row = results_table([r]).iloc[0]
+    assert row["rid_choice"] == -1 and row["verdict_raw@knn"] == "anomalous" and "rid_prob_0" not in row
+    assert "no masks" in report_lines(r)[0] and chosen_overlay(r) is img
