@@ -8,6 +8,7 @@ import streamlit as st
 from app import state, training
 from app.components import guard
 from cmg_core.errors import CMGError
+from cmg_core.methods import REGISTRY
 
 WATCH_KEY = "train_seen_states"
 
@@ -75,6 +76,7 @@ def config_form() -> None:
         methods = st.multiselect("Methods (CMLE readings: [lle] the paper's Eq.9-13, [supcon] the released code)",
                                  list(training.METHOD_CHOICES), default=[m for m in defaults
                                                                          if m in training.METHOD_CHOICES],
+                                 help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()),
                                  key="tr_methods")
         e1, e2, e3, e4, e5, e6 = st.columns(6)
         e1_ep = e1.number_input("E1 epochs", 1, 1000, int(cfg.e1.epochs), key="tr_e1")

@@ -53,7 +53,6 @@ class TrunkFeatures:
     def __init__(self, run, masked: bool = True):
         self.run = run
         cfg = run.cfg
-        self._trunk = None
         self.masked = None
         spec = trunk_feature_spec(cfg.model.trunk, cfg.data.image_size, cfg.model.trunk_image_size,
                                   cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value, run.mask_apply,
@@ -76,10 +75,9 @@ class TrunkFeatures:
                 (f", {tuple(self.masked.shape)} masked variants" if masked else ""))
 
     @property
-    def trunk(self):
-        if self._trunk is None:
-            self._trunk = build_trunk(self.run.cfg, self.run.device)
-        return self._trunk
+    def trunk(self) -> Trunk:
+        """The run's trunk, built on first use only (features read from a cache or packed file need none)."""
+        return build_trunk(self.run.cfg, self.run.device)
 
 
 class FrozenE1:
