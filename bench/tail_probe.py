@@ -1,9 +1,9 @@
-"""Probe: does CMLE help once part of the frozen trunk may change? (cpu profile, UCM, dev task seeds)
+"""Probe: does CMLE help once part of the frozen trunk may change? (frozen profile, UCM, dev task seeds)
 
     .venv/bin/python bench/tail_probe.py experiments/sweeps/ucm_captions_cmle.weight=1 100 101 102 103 104
 
 E2 = the EfficientNet-Lite0's last stage (blocks[6] + conv_head + bn2, ImageNet weights, frozen BatchNorm
-statistics, lr `LR_TAIL`, default 1e-4) + the cpu profile's E2Head, trained `EPOCHS` (40) epochs on 4 cached
+statistics, lr `LR_TAIL`, default 1e-4) + the frozen profile's E2Head, trained `EPOCHS` (40) epochs on 4 cached
 SimCLR views per image with NT-Xent, and for ssd+le + lambda * L_global (Eq.13, the run's cmle settings).
 Scored as the runs are (MahalanobisDetector on h). Uses each task run's split (images.csv); prints the
 run's own head-only SSD for comparison. About 2.5 min per task on 2 cores. Not part of the product: a
@@ -28,7 +28,7 @@ from cmg_core.features import images_to_tensor, simclr_augment, to_float
 from cmg_core.losses import lle_reconstruction_loss, nt_xent_loss
 from cmg_core.metrics import detection_metrics
 from cmg_core.models import E2Head
-from cmg_core.train import caption_tensor
+from cmg_core.encoders import caption_tensor
 from cmg_core.runs import Run
 from cmg_core.stages import mean_caption_embedding
 

@@ -31,7 +31,7 @@ from cmg_core.config import mask_apply  # noqa: E402
 from cmg_core.data import load_data  # noqa: E402
 from cmg_core.features import cached_mask_features  # noqa: E402
 from cmg_core.metrics import detection_metrics  # noqa: E402
-from cmg_core.train import caption_tensor  # noqa: E402
+from cmg_core.encoders import caption_tensor  # noqa: E402
 from cmg_core.train.frozen import build_trunk  # noqa: E402
 from cmg_core.runs import Run  # noqa: E402
 from cmg_core.detector import KNNDetector, MahalanobisDetector  # noqa: E402

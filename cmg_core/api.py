@@ -12,12 +12,14 @@
     det = CMG.load("my_detector")
     knn = SSD(scorer="knn")                      # SSD's features, k-NN score (detector.knn_k neighbours)
     base = RawKNN().fit("my_images")             # no training: k-NN on the frozen trunk's features
+    base = RawKNN().fit(x_train)                 # or arrays: (N, H, W, 3) uint8 / float in [0, 1]
+    base.decision_function(x_test)
 
 `fit` trains one run with this method only through the same pipeline as `cmg train`, running only the stages the
 method needs (`raw`: trunk features and detectors; `cmg`: text, E1, CMER, RID, CMLE, E2, detectors), into `run_dir`
 (default: a new folder under `runs/`); the fitted detector is that run folder. `fit(dataset)` takes a folder of the
 user's images (loader `folder`: plain images, `<class>/` sub-folders, or captioned layouts), a list of image paths,
-or a data-section dict; the images given are the normal ones unless the config's `task` says otherwise.
+images as arrays (stored once as PNG files in the cache: `cmg_core.data.arrays`), or a data-section dict; the images given are the normal ones unless the config's `task` says otherwise.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .data.arrays import EXPECTED, is_array_batch, scoring_inputs, stored_array_images
 from .errors import ConfigError, DataError
 
 
@@ -82,6 +85,8 @@ class Detector:
                 raise ConfigError(f"{type(self).__name__}({name}=...) expects a dict (a config section), "
                                   f"got {type(section).__name__}")
             _deep_update(data.setdefault(name, {}), section)
+        if is_array_batch(dataset):  # stored once as PNG files in the cache, then a list of paths
+            dataset = [str(p) for p in stored_array_images(dataset)]
         if isinstance(dataset, (str, Path)):
             _deep_update(data, {"data": {"name": "folder", "root": str(dataset), "options": {}}})
         elif isinstance(dataset, (list, tuple)) and all(isinstance(f, (str, Path)) for f in dataset):
@@ -91,8 +96,8 @@ class Detector:
         elif isinstance(dataset, dict):
             _deep_update(data, {"data": dataset})
         elif dataset is not None:
-            raise DataError(f"fit(dataset): expected a folder path, a list of image paths or a data-section dict, "
-                            f"got {type(dataset).__name__}")
+            raise DataError(f"fit(dataset): expected a folder path, a list of image paths, {EXPECTED}, or a "
+                            f"data-section dict; got {type(dataset).__name__}")
         task = data.setdefault("task", {})
         if dataset is not None and task.get("normal_classes") is None and task.get("n_normal") is None:
             task["normal_classes"] = "all"  # the user's images are the normal ones, whatever their folders
@@ -139,9 +144,10 @@ class Detector:
     # --- scoring --------------------------------------------------------------------------------------
 
     def decision_function(self, images: list, batch_size: int = 64) -> np.ndarray:
-        """(N,) anomaly scores of image paths or PIL images (higher = more anomalous)."""
+        """(N,) anomaly scores (higher = more anomalous) of image paths, PIL images or arrays (an (N, H, W, 3)
+        batch, uint8 or float in [0, 1])."""
         self._check()
-        return self.predictor_.score(list(images), self.key, batch_size=batch_size)
+        return self.predictor_.score(scoring_inputs(images), self.key, batch_size=batch_size)
 
     def predict(self, images: list, batch_size: int = 64) -> np.ndarray:
         """(N,) 1 = anomalous (score above the calibrated threshold), 0 = normal."""

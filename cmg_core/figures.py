@@ -22,7 +22,7 @@ from .analysis import dcor_matrix, embed_2d
 from .config import RunConfig, mask_apply
 from .data import load_data
 from .features import cached_mask_features, load_images, masked_variants, to_float
-from .train import caption_tensor
+from .encoders import caption_tensor
 from .train.frozen import build_trunk
 from .methods import parse_method
 from .runs import Run, write_json

@@ -13,8 +13,9 @@ import torch
 from cmg_core.config import load_config
 from cmg_core.predict import Predictor
 from cmg_core.runs import RUN_FILES, Run, method_slug
-from cmg_core.train import Run as TrainRun
 from cmg_core.train import train_run
+from cmg_core.train.devices import Devices
+from cmg_core.train.run import Training
 from cmg_core.train.nets import batch_simclr_augment
 
 # 20 normal images (16 train) + 20 anomalies, 32 px, standard ResNet-18 stem: about 5 s per E2 epoch on 2 cores
@@ -135,7 +136,7 @@ def test_other_config_in_the_same_folder_is_refused(resumed):
     run, _, _ = resumed
     cfg = load_config(run.path / "config.yaml", ["e2.epochs=3"])
     with pytest.raises(ConfigError, match="different config"):
-        TrainRun(cfg)
+        Training(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def test_scored_features_are_fp32_under_autocast(tmp_path, monkeypatch):
     """On CUDA the training passes run under bf16 autocast; the features that are scored (E1's CMER pass, E2's
     embed) are fp32, so the Predictor (fp32, any device) reproduces the run's scores. Autocast forced on the CPU."""
     monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(TrainRun, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(Devices, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
     cfg = load_config("configs/synthetic_end2end.yaml",
                       [f"out_dir={tmp_path}", "name=amp", *TINY, *E2E_E1, "model.backbone=cnn", "model.width=4",
                        "e1.epochs=1", "e2.epochs=1", "train.methods=[ssd+er]", "train.eval_every_epoch=false"])
@@ -291,12 +292,13 @@ def test_bank_is_filled_in_eval_mode():
     backbone, spec = backbone_for(cfg)
     enc = E2Encoder(backbone, spec.feature_dim, 16)
     images = (torch.rand(10, 3, 16, 16) * 255).to(torch.uint8)
-    run = SimpleNamespace(n_train=10, autocast=lambda: torch.autocast("cpu", enabled=False),
+    dev = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False),
                           batch=lambda idx, masks=None: images[idx].float() / 255)
+    ctx = SimpleNamespace(n_train=10, dev=dev)
     enc.train()
     enc(torch.rand(10, 3, 16, 16))  # give BatchNorm non-trivial running statistics
     before = {k: v.clone() for k, v in enc.named_buffers()}
-    bank = End2EndE2(run)._fill_bank(enc, None, normalize=False)
+    bank = End2EndE2(ctx)._fill_bank(enc, None, normalize=False)
     assert enc.training
     assert all(torch.equal(before[k], v) for k, v in enc.named_buffers())
     enc.eval()

@@ -24,7 +24,7 @@ def fields(ds: CaptionedDataset) -> list[tuple]:
 
 
 def layout_reference(ds: CaptionedDataset, rows, encoder: TextEncoder) -> np.ndarray:
-    """The (R, C, T) layout of pipeline.caption_tensor, rebuilt here from the captions."""
+    """The (R, C, T) layout of encoders.caption_tensor, rebuilt here from the captions."""
     caps = [list(ds[i].captions) for i in rows]
     c = max(len(x) for x in caps)
     return encoder.encode([x[j % len(x)] for x in caps for j in range(c)]).reshape(len(rows), c, -1)
@@ -111,7 +111,7 @@ def test_caption_embeddings_match_encoder(packed, source):
 
 
 def test_uneven_caption_counts_repeat_cyclically(tmp_path, source):
-    """Images with fewer captions repeat theirs, exactly like pipeline.caption_tensor."""
+    """Images with fewer captions repeat theirs, exactly like encoders.caption_tensor."""
     from dataclasses import replace
 
     items = [replace(it, captions=it.captions[: 1 + i % 5]) for i, it in enumerate(source.items)]

@@ -117,3 +117,26 @@ def test_ssd_trains_on_plain_images_and_cmg_says_what_it_needs(flat, tmp_path):
     needs = r"need captions.*captions\.csv.*metadata\.jsonl.*no captions are \['ssd', 'raw', 'she'\]"
     with pytest.raises(DataError, match=needs):
         CMG(run_dir=tmp_path / "cmg", overrides=FAST).fit(flat)
+
+
+def test_fit_and_score_arrays(tmp_path, monkeypatch):
+    """fit(arrays) in the PyOD shape: a uint8 batch is stored once as PNGs in the cache and trains like the same
+    images given as files; decision_function takes arrays, floats in [0, 1] and PIL images alike."""
+    from cmg_core.data.arrays import stored_array_images
+
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    paths = disc_images(tmp_path / "discs", 12, seed=3)
+    x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (12, 48, 48, 3) uint8
+    det = RawKNN(run_dir=tmp_path / "arr", overrides=FAST).fit(x)
+    stored = stored_array_images(x)
+    assert stored == stored_array_images(list(x))  # content-addressed: the same pixels, the same files
+    assert [np.asarray(Image.open(p)).tolist() == a.tolist() for p, a in zip(stored, x)] == [True] * 12
+    by_files = RawKNN(run_dir=tmp_path / "files", overrides=FAST).fit([str(p) for p in paths])
+    np.testing.assert_allclose(det.decision_function(x[:4]), by_files.decision_function([str(p) for p in paths[:4]]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(det.decision_function(x[:3] / 255.0), det.decision_function(x[:3]), rtol=1e-5)
+    assert det.predict([x[0], Image.open(paths[1]), str(paths[2])]).shape == (3,)
+    for bad, why in ((x[..., :2], "shape"), (x * 2.0, "outside"), (x.astype(np.int64), "dtype"),
+                     (np.zeros((0, 8, 8, 3), np.uint8), "shape")):
+        with pytest.raises(DataError, match=why):
+            RawKNN(run_dir=tmp_path / "bad", overrides=FAST).fit(bad)

@@ -193,7 +193,7 @@ class CaptionedDataset:
         """(R, C, T) float32 stored caption embeddings of the rows, or None when none are stored for `text_model`.
 
         C is the largest caption count among the rows; an image with fewer captions repeats its own
-        cyclically (caption j = captions[j % len]), the layout of `pipeline.caption_tensor`.
+        cyclically (caption j = captions[j % len]), the layout of `encoders.caption_tensor`.
         """
         entry = self._embedding_entry(text_model)
         if entry is None:

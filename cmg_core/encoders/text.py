@@ -157,3 +157,19 @@ class TextEncoder:
                 self._cache.put_many(missing, vecs)
             known.update(zip(missing, vecs))
         return np.stack([known[t] for t in texts]).astype(np.float32)
+
+
+def caption_tensor(dataset, rows: np.ndarray, text_model: str, device: str = "cpu"):
+    """(R, C, T) float32 torch tensor: caption embeddings of the given dataset rows; images with fewer captions
+    repeat theirs cyclically (caption j = captions[j % len]). A packed dataset's stored embeddings are used when
+    they are of `text_model` (no text model is loaded)."""
+    import torch
+
+    stored = dataset.caption_embeddings_for(rows, text_model) if hasattr(dataset, "caption_embeddings_for") else None
+    if stored is not None:
+        return torch.from_numpy(np.asarray(stored, dtype=np.float32))
+    encoder = TextEncoder(text_model, device=device)
+    caps = [list(dataset[i].captions) for i in rows]
+    c = max(len(x) for x in caps)
+    flat = [x[j % len(x)] for x in caps for j in range(c)]
+    return torch.from_numpy(encoder.encode(flat)).view(len(rows), c, -1)

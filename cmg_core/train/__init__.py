@@ -1,5 +1,6 @@
-"""Training: one pipeline (`run.Run`) for both profiles; `frozen` and `end2end` are its feature backends."""
+"""Training: one pipeline (`run.Training`) for both profiles; `frozen` and `end2end` are its feature backends,
+handed a `context.StageContext`."""
 from ..methods import BASE_METHODS, MethodSpec, method_label, parse_method
-from .run import Run, caption_tensor, train_run
+from .run import train_run
 
-__all__ = ["BASE_METHODS", "MethodSpec", "Run", "caption_tensor", "method_label", "parse_method", "train_run"]
+__all__ = ["BASE_METHODS", "MethodSpec", "method_label", "parse_method", "train_run"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import DetectorConfig
+from ..detector import make_detector
 from ..methods import MethodSpec
 
 
@@ -37,7 +39,7 @@ def run_text_encoder(run):
     from ..encoders import TextEncoder
 
     if getattr(run, "_text_encoder", None) is None:
-        run._text_encoder = TextEncoder(run.cfg.model.text_model, device=str(run.device))
+        run._text_encoder = TextEncoder(run.cfg.model.text_model, device=str(run.dev.device))
     return run._text_encoder
 
 
@@ -48,7 +50,7 @@ def untrained_model(run, spec: MethodSpec, weights: dict | None = None):
         return None
     from ..encoders.clip import clip_encoder
 
-    clip = clip_encoder(run.cfg.bliss, str(run.device))
+    clip = clip_encoder(run.cfg.bliss, str(run.dev.device))
     if clip is not None:  # images and texts in CLIP's space; its weights stay outside the run folder
         return clip
     if weights:
@@ -71,34 +73,34 @@ def untrained_features(run, spec: MethodSpec, model=None) -> np.ndarray:
     return run.feats.orig.numpy().astype(np.float32)
 
 
-def fit_detectors(run, spec: MethodSpec, h: np.ndarray, scorers: list[str], model=None) -> dict:
+def fit_detectors(run, spec: MethodSpec, h: np.ndarray, scorers: list[str], model=None,
+                  detector_cfg: DetectorConfig | None = None) -> dict:
     """{scorer: detector fitted on the normal training rows of h (R, D)}: bliss and she by their own rules,
-    mahalanobis / knn from the `detector` config section."""
-    from ..detector import make_detector
-
+    mahalanobis / knn from the `detector` config section (`detector_cfg`, default the run's)."""
+    d = detector_cfg or run.cfg.detector
     n, out = run.n_train, {}
     for s in scorers:
         if s == "bliss":
-            out[s] = bliss_detector(run, h[:n], model)
+            out[s] = bliss_detector(run, h[:n], model, d)
         elif s == "she":
-            out[s] = she_detector(run, model, h[:n])
+            out[s] = she_detector(run, model, h[:n], d)
         else:
-            out[s] = make_detector(s, run.cfg.detector, run.cfg.train.seed).fit(h[:n])
+            out[s] = make_detector(s, d, run.cfg.train.seed).fit(h[:n])
     return out
 
 
-def she_detector(run, model, train_feats: np.ndarray):
+def she_detector(run, model, train_feats: np.ndarray, d: DetectorConfig):
     """SHE's stored patterns from the normal training images' features and E2's classifier (its `to_text` head)."""
     from ..she import SHEDetector
 
-    d, n = run.cfg.detector, len(train_feats)
+    n = len(train_feats)
     head = model.to_text
     det = SHEDetector(head.weight.detach().float().cpu().numpy(), head.bias.detach().float().cpu().numpy(),
                       seed=run.cfg.train.seed, fpr=d.fpr, calibration_folds=d.calibration_folds)
     return det.fit(train_feats, run.class_labels[:n])
 
 
-def bliss_detector(run, train_feats: np.ndarray, model=None):
+def bliss_detector(run, train_feats: np.ndarray, model, d: DetectorConfig):
     """BLISS fitted on the normal training images in the text model's space: prompts of the task's normal class
     names and the dictionary, embedded by the text model (or by the CLIP `model` that embedded the images)."""
     from ..bliss import BLISSDetector, class_prompts, load_dictionary
@@ -111,7 +113,6 @@ def bliss_detector(run, train_feats: np.ndarray, model=None):
         emb = model.encode_texts(texts)  # (C + J, D)
     else:
         emb = run_text_encoder(run).encode(texts)  # (C + J, T)
-    d = cfg.detector
     det = BLISSDetector(emb, len(names), cfg.bliss.k, cfg.bliss.weight, seed=cfg.train.seed, fpr=d.fpr,
                         calibration_folds=d.calibration_folds, entries=texts)
     return det.fit(train_feats)
@@ -130,7 +131,7 @@ def cmda_pairs(run):
     txt = F.normalize(e1.text.eval()(run.captions[:n].float()), dim=-1).mean(1)  # (N, D) mean over captions
     sim = (F.normalize(txt, dim=-1) @ img.T).numpy()  # (N, N): row i = captions of i, column j = image j
     partners, weights = cmda_partners(sim, run.cfg.cmda.neighbors, run.cfg.cmda.max_mix)
-    run.log(f"CMDA: {partners.shape[1]} partners per image, mean weight {weights.mean():.3f}")
+    run.io.log(f"CMDA: {partners.shape[1]} partners per image, mean weight {weights.mean():.3f}")
     return run.cfg.cmda, partners, weights
 
 
@@ -157,4 +158,4 @@ def write_language_explainer(run) -> None:
                               caps, run.captions[:n].numpy(), labels, words, word_emb)
         exp.save(run.run_dir / "language.npz")
     except (CMGError, OSError, ImportError) as exc:
-        run.log(f"language explanations skipped: {exc}")
+        run.io.log(f"language explanations skipped: {exc}")

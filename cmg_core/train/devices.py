@@ -1,9 +1,9 @@
-"""What a run does on its devices and processes (the end2end profile's encoders, torchrun): autocast, device
-placement, DDP, SyncBatchNorm, the distributed sampler, shard logs and image batches. A mixin of `run.Run`, which
-holds the state it reads (device, amp, dist, world, rank, images, masks)."""
+"""Where a run computes (the end2end profile's encoders, torchrun): autocast, device placement, DDP,
+SyncBatchNorm, the distributed sampler, shard logs, and the task's images held once on the device."""
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import numpy as np
 import torch
@@ -13,8 +13,18 @@ from .. import distributed as D
 from ..features import to_float
 
 
-class RunDevices:
-    """Device and process helpers of `run.Run` (see the module docstring)."""
+class Devices:
+    """The run's device and processes: `device`, bf16 autocast when `amp`, the torchrun group `dist`; `hold`
+    puts the task's images (R, 3, S, S) uint8 and the CMER masks (M, 1, S, S) on the device for `batch`."""
+
+    def __init__(self, device: torch.device, amp: bool, dist: D.DistInfo, log: Callable[[str], None]):
+        self.device, self.amp, self.dist, self._log = device, amp, dist, log
+        self.world, self.rank = dist.world_size, dist.rank
+        self.main = self.rank == 0
+        self.images = self.masks = None
+
+    def hold(self, images: torch.Tensor, masks: torch.Tensor) -> None:
+        self.images, self.masks = images.to(self.device), masks.to(self.device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -45,7 +55,7 @@ class RunDevices:
         """Under torchrun: every rank's training rows of an epoch, in the log (shards are disjoint)."""
         shards = D.all_gather_object([int(i) for i in shard])
         if self.world > 1:
-            self.log(f"shards {stage} epoch {epoch}: " + json.dumps({str(r): s for r, s in enumerate(shards)}))
+            self._log(f"shards {stage} epoch {epoch}: " + json.dumps({str(r): s for r, s in enumerate(shards)}))
 
     def batch(self, idx: torch.Tensor, masks: np.ndarray | None = None) -> torch.Tensor:
         """Float images of rows `idx` on the device, multiplied by masks[index] per row when given (-1: unmasked)."""

@@ -62,8 +62,8 @@ def epoch_evaluator(run, backend, spec: MethodSpec, extra: Sequence[Scoring] = (
     wanted = cfg.train.eval_every_epoch or cfg.protocol.report_epoch == "best" or len(extra)
     if not wanted or not 0 < y.sum() < len(y):
         return None
-    total = run.e2_config(spec).epochs
-    quick = _QuickCalibration(run)
+    total = run.ctx.e2_config(spec).epochs
+    quick = dataclasses.replace(cfg.detector, calibration_folds=0)  # a per-epoch AUROC needs no threshold
     own = primary_scorer(spec.name)
     best = cfg.protocol.report_epoch == "best"
 
@@ -80,22 +80,10 @@ def epoch_evaluator(run, backend, spec: MethodSpec, extra: Sequence[Scoring] = (
                 keys = {s: auroc_key(scored_key(spec.name, s)[len(spec.name):]) for s in run.scorers(spec)}
             else:  # for the history plots: the Mahalanobis score of the method's features
                 keys = {"mahalanobis": "auroc"}
-            for s, det in fit_detectors(quick, spec, h, list(keys), model).items():
+            for s, det in fit_detectors(run, spec, h, list(keys), model, detector_cfg=quick).items():
                 out[keys[s]] = detection_metrics(y, det.score(h[n:]))["auroc"]
         return out
     return evaluate
-
-
-class _QuickCalibration:
-    """The run as fit_detectors sees it, with detector.calibration_folds = 0: a per-epoch AUROC needs no
-    threshold, and cross-fitting it every epoch would cost more than the features."""
-
-    def __init__(self, run):
-        self._run = run
-        self.cfg = dataclasses.replace(run.cfg, detector=dataclasses.replace(run.cfg.detector, calibration_folds=0))
-
-    def __getattr__(self, name):
-        return getattr(self._run, name)
 
 
 def history_records(run_dir, method: str) -> list[dict]:

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from ..artifacts import load_model, model_path
 from ..config import mask_apply
 from ..encoders import trunk_key_parts, trunk_settings
-from ..features import (Trunk, augmented_view_features, cached_mask_features, cached_trunk_features,
+from ..features import (Trunk, augmented_view_features, cached_mask_features, cached_trunk_features, load_images,
                         stored_trunk_features, trunk_feature_spec)
 from ..models import E2Head, ImageHead, TextProjection
-from ..runs import write_npy
+from ..runs import method_slug, write_npy
 from ..stages import E1Model, _batches, _feature_views, _restore, _snapshot, e2_features, train_e1
 from ..utils import resolve_trunk_precision
 from ..methods import MethodSpec
 from .nets import bn_train_copy
+from .context import StageContext
 from .records import VIEW_CACHES
 from .objective import Guidance, e2_step_loss
 
@@ -50,87 +51,87 @@ class TrunkFeatures:
     """The frozen trunk's features of every row: orig (R, F) and, when a method needs CMER, its masked variants
     (R, M, F) (cached on disk, or read from a packed file that stores them)."""
 
-    def __init__(self, run, masked: bool = True):
-        self.run = run
-        cfg = run.cfg
+    def __init__(self, ctx: StageContext, masked: bool = True):
+        self.ctx = ctx
+        cfg, io = ctx.cfg, ctx.io
         self.masked = None
         spec = trunk_feature_spec(cfg.model.trunk, cfg.data.image_size, cfg.model.trunk_image_size,
-                                  cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value, run.mask_apply,
-                                  key_parts=trunk_key_parts(**trunk_settings(cfg.model, run.mask_apply)))
-        stored = stored_trunk_features(run.ds, spec)
+                                  cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value, ctx.mask_apply,
+                                  key_parts=trunk_key_parts(**trunk_settings(cfg.model, ctx.mask_apply)))
+        stored = stored_trunk_features(ctx.ds, spec)
         if stored is not None:  # a packed file carries them: no trunk (nor its weights) needed
             orig, variants = stored
-            run.log("trunk features: read from the packed file (stored in float16)")
+            io.log("trunk features: read from the packed file (stored in float16)")
         elif masked:
-            orig, variants = cached_mask_features(run.ds, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
-                                                  cfg.cmer.mask, cfg.cmer.soft_value, progress=run.progress,
-                                                  apply=run.mask_apply, trunk_size=cfg.model.trunk_image_size)
+            orig, variants = cached_mask_features(ctx.ds, self.trunk, cfg.data.image_size, cfg.cmer.n_regions,
+                                                  cfg.cmer.mask, cfg.cmer.soft_value, progress=io.progress,
+                                                  apply=ctx.mask_apply, trunk_size=cfg.model.trunk_image_size)
         else:
-            orig, variants = cached_trunk_features(run.ds, self.trunk, cfg.data.image_size, progress=run.progress,
+            orig, variants = cached_trunk_features(ctx.ds, self.trunk, cfg.data.image_size, progress=io.progress,
                                                    trunk_size=cfg.model.trunk_image_size), None
-        self.orig = torch.from_numpy(orig[run.rows])  # (R, F)
+        self.orig = torch.from_numpy(orig[ctx.rows])  # (R, F)
         if masked:
-            self.masked = torch.from_numpy(variants[run.rows])  # (R, M, F)
-        run.log(f"trunk features: {tuple(self.orig.shape)} images" +
+            self.masked = torch.from_numpy(variants[ctx.rows])  # (R, M, F)
+        io.log(f"trunk features: {tuple(self.orig.shape)} images" +
                 (f", {tuple(self.masked.shape)} masked variants" if masked else ""))
 
     @property
     def trunk(self) -> Trunk:
         """The run's trunk, built on first use only (features read from a cache or packed file need none)."""
-        return build_trunk(self.run.cfg, self.run.device)
+        return build_trunk(self.ctx.cfg, self.ctx.dev.device)
 
 
 class FrozenE1:
     """E1 head on frozen-trunk features (`TrunkFeatures` with masked variants); the features double as RID's
-    input."""
+    input. captions: (R, C, T) caption embeddings of every row."""
 
-    def __init__(self, run, feats: TrunkFeatures):
-        self.run, self.orig, self.masked = run, feats.orig, feats.masked
+    def __init__(self, ctx: StageContext, feats: TrunkFeatures, captions: torch.Tensor):
+        self.ctx, self.orig, self.masked, self.captions = ctx, feats.orig, feats.masked, captions
 
     def _model(self) -> E1Model:
-        cfg = self.run.cfg
+        cfg = self.ctx.cfg
         return E1Model(ImageHead(self.orig.shape[1], cfg.model.head_hidden, cfg.model.embed_dim),
-                       TextProjection(self.run.captions.shape[-1], cfg.model.text_hidden, cfg.model.embed_dim))
+                       TextProjection(self.captions.shape[-1], cfg.model.text_hidden, cfg.model.embed_dim))
 
     def train_and_score(self):
         """Train (or load) E1 and return (Eq.2 scores (R, M), RID inputs orig (R, F), masked (R, M, F))."""
-        run, cfg, n = self.run, self.run.cfg, self.run.n_train
-        path = model_path(run.models, "e1")
+        ctx, cfg, n, io = self.ctx, self.ctx.cfg, self.ctx.n_train, self.ctx.io
+        path = model_path(io.models, "e1")
         if path.is_file():
             e1, weights = self._model(), load_model(path)[0]
             for part in ("image", "text"):
                 getattr(e1, part).load_state_dict({k[len(part) + 1:]: v for k, v in weights.items()
                                                    if k.startswith(part + ".")})
         else:
-            state, save = run.checkpoint("e1", "e1")
-            e1 = train_e1(self.orig[:n], run.captions[:n], cfg.e1, cfg.model, run.stage_seed(1),
-                          on_epoch=run.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
-            run.save_model(path, {**{f"image.{k}": v for k, v in e1.image.state_dict().items()},
+            state, save = io.checkpoint("e1", "e1")
+            e1 = train_e1(self.orig[:n], self.captions[:n], cfg.e1, cfg.model, ctx.stage_seed(1),
+                          on_epoch=io.epoch_cb(cfg.e1.epochs, "E1"), state=state, on_checkpoint=save)
+            io.save_model(path, {**{f"image.{k}": v for k, v in e1.image.state_dict().items()},
                                   **{f"text.{k}": v for k, v in e1.text.state_dict().items()}}, encoder="frozen")
-            run.drop_checkpoint("e1")  # superseded by the final model
+            io.drop_checkpoint("e1")  # superseded by the final model
         self.model = e1  # cmda picks its mixing partners with it
-        scores = e1.score(self.masked, run.captions, cfg.cmer.caption_reduce).numpy()
+        scores = e1.score(self.masked, self.captions, cfg.cmer.caption_reduce).numpy()
         return scores, self.orig, self.masked
 
 
 class HeadE2:
-    """E2 = MLP head on frozen-trunk features (the `frozen` profile)."""
+    """E2 = MLP head on frozen-trunk features (the `frozen` profile). cmer_label: (R,) CMER's mask of every row
+    (None when no method masks); items_per_image: how often an epoch passes each training image."""
 
-    def __init__(self, run, feats: TrunkFeatures):
-        self.run, self.feats = run, feats
+    def __init__(self, ctx: StageContext, feats: TrunkFeatures, cmer_label: np.ndarray | None = None,
+                 items_per_image: int = 1):
+        self.ctx, self.feats, self.cmer_label, self.items_per_image = ctx, feats, cmer_label, items_per_image
 
     def _views(self, er: bool) -> torch.Tensor:
-        run, cfg = self.run, self.run.cfg
-        path = run.ckpt / VIEW_CACHES[0 if er else 1]
+        ctx, cfg, n = self.ctx, self.ctx.cfg, self.ctx.n_train
+        path = ctx.io.ckpt / VIEW_CACHES[0 if er else 1]
         if path.is_file():
             return torch.from_numpy(np.load(path))
-        from ..features import load_images
-
-        images = load_images(run.ds, run.rows[: run.n_train], cfg.data.image_size)
-        views = augmented_view_features(images, run.cmer_label[: run.n_train] if er else None, self.feats.trunk,
+        images = load_images(ctx.ds, ctx.rows[:n], cfg.data.image_size)
+        views = augmented_view_features(images, self.cmer_label[:n] if er else None, self.feats.trunk,
                                         cfg.data.image_size, cfg.cmer.n_regions, cfg.cmer.mask, cfg.cmer.soft_value,
-                                        cfg.e2.n_views, run.stage_seed(3), progress=run.progress,
-                                        apply=run.mask_apply)
+                                        cfg.e2.n_views, ctx.stage_seed(3), progress=ctx.io.progress,
+                                        apply=ctx.mask_apply)
         write_npy(path, views)
         return torch.from_numpy(views)
 
@@ -144,7 +145,7 @@ class HeadE2:
         return torch.where((m >= 0).unsqueeze(1), picked, self.feats.orig)
 
     def build(self, text_dim: int | None) -> E2Head:
-        cfg = self.run.cfg
+        cfg = self.ctx.cfg
         return E2Head(self.feats.orig.shape[1], cfg.model.head_hidden, cfg.model.embed_dim, text_dim)
 
     @torch.no_grad()
@@ -156,27 +157,27 @@ class HeadE2:
         feats = feats if rows is None else feats[torch.as_tensor(np.asarray(rows))]
         if bn != "train":
             return e2_features(head, feats)
-        clone, b = bn_train_copy(head), max(2, self.run.cfg.e2.batch_size)
+        clone, b = bn_train_copy(head), max(2, self.ctx.cfg.e2.batch_size)
         return torch.cat([clone(feats[s : s + b])[0] for s in range(0, len(feats), b)]).numpy()
 
     def train(self, spec: MethodSpec, g: Guidance, evaluate) -> E2Head:
         """NT-Xent on cached augmented feature views (+ the method's guidance), final-epoch head."""
-        run, cfg, n = self.run, self.run.cfg, self.run.n_train
-        e2 = run.e2_config(spec)
-        clean = (self.feats.masked[torch.arange(n), torch.from_numpy(run.cmer_label[:n])] if spec.er
+        ctx, n, io = self.ctx, self.ctx.n_train, self.ctx.io
+        e2 = ctx.e2_config(spec)
+        clean = (self.feats.masked[torch.arange(n), torch.from_numpy(self.cmer_label[:n])] if spec.er
                  else self.feats.orig[:n])  # (N, F) E2 trains on CMER's choice
         views = self._views(spec.er)
-        state, save = run.checkpoint(f"e2_{run.slug(spec)}", "e2", spec.name)
-        torch.manual_seed(run.stage_seed(5))
-        gen = torch.Generator().manual_seed(run.stage_seed(5))
-        mix_gen = torch.Generator().manual_seed(run.stage_seed(5) + 1)  # cmda: partners and their views
+        state, save = io.checkpoint(f"e2_{method_slug(spec.name)}", "e2", spec.name)
+        torch.manual_seed(ctx.stage_seed(5))
+        gen = torch.Generator().manual_seed(ctx.stage_seed(5))
+        mix_gen = torch.Generator().manual_seed(ctx.stage_seed(5) + 1)  # cmda: partners and their views
         head = self.build(g.head_dim or None)
         opt = make_optimizer(head.parameters(), e2)
         start = _restore(state, {"model": head}, opt, gen)
         for epoch in range(start, e2.epochs):
             head.train()
             sums, steps = {}, 0
-            for item in _batches(n * run.items_per_image(), e2.batch_size, gen, drop_last=True):
+            for item in _batches(n * self.items_per_image, e2.batch_size, gen, drop_last=True):
                 idx = item % n  # protocol.train_items: captions -> one item per caption
                 if len(idx) < 2:
                     continue
@@ -210,7 +211,7 @@ class HeadE2:
             if evaluate is not None:
                 rec.update(evaluate(head, epoch + 1))
             save(epoch + 1, _snapshot(epoch + 1, {"model": head}, opt, gen))  # before reporting: no epoch lost
-            run.epoch_cb(e2.epochs, "E2")(rec)
+            io.epoch_cb(e2.epochs, "E2")(rec)
         head.eval()
         return head
 

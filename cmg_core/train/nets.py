@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,6 @@ from torch import nn
 
 from ..encoders import Normalize, build_backbone
 from ..models import E2Encoder, ImageHead, TextProjection
-from ..utils import atomic_path
 
 
 class E1Image(nn.Module):
@@ -80,12 +78,6 @@ def build_e1(cfg, text_dim: int) -> tuple[E1Pair, int]:
 def build_e2(cfg, text_dim: int | None) -> E2Encoder:
     backbone, spec = backbone_for(cfg)
     return E2Encoder(backbone, spec.feature_dim, cfg.model.embed_dim, text_dim, mean=spec.mean, std=spec.std)
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to `path` atomically (written to a temporary file, then renamed)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def batch_simclr_augment(x: torch.Tensor, gen: torch.Generator, crop_scale: tuple = (0.4, 1.0),

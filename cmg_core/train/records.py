@@ -1,34 +1,24 @@
-"""Run-folder bookkeeping of a training run: caption embeddings of its rows, the resume check, and the results
-written when methods finish (see cmg_core.runs for the folder's layout)."""
+"""Run-folder bookkeeping of a training run: what its stages write and read back (`RunIO`: log, progress,
+history, checkpoints, final models), the resume check, and the results written when methods finish (see
+cmg_core.runs for the folder's layout)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .. import distributed as D
+from ..artifacts import save_model
 from ..config import RunConfig, load_config, to_dict
 from ..errors import ConfigError
 from ..metrics import detection_metrics
 from ..protocol import departures
 from ..runs import check_run_folder, remove_run_folder, remove_temporaries, write_csv, write_json
-
-
-def caption_tensor(dataset, rows: np.ndarray, text_model: str, device: str = "cpu") -> torch.Tensor:
-    """(R, C, T) caption embeddings of the given dataset rows; images with fewer captions repeat theirs.
-    A packed dataset's stored embeddings are used when they are of `text_model` (no text model is loaded)."""
-    stored = dataset.caption_embeddings_for(rows, text_model) if hasattr(dataset, "caption_embeddings_for") else None
-    if stored is not None:
-        return torch.from_numpy(np.asarray(stored, dtype=np.float32))
-    from ..encoders import TextEncoder
-
-    encoder = TextEncoder(text_model, device=device)
-    caps = [list(dataset[i].captions) for i in rows]
-    c = max(len(x) for x in caps)
-    flat = [x[j % len(x)] for x in caps for j in range(c)]
-    return torch.from_numpy(encoder.encode(flat)).view(len(rows), c, -1)
+from ..utils import atomic_path
 
 
 def check_resume(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
@@ -57,6 +47,72 @@ class _NullWriter:
         return lambda *a, **k: None
 
 
+class RunIO:
+    """What the stages of one run write into its folder and read back: log, progress, history, per-epoch
+    checkpoints (checkpoints/), final models (models/). Rank 0 writes; on other ranks every write is a no-op and
+    `exists` is rank 0's answer, so every rank takes the same decision."""
+
+    def __init__(self, run_dir: Path, main: bool, writer=None, progress: Callable[[str, int, int], None] | None = None,
+                 checkpoint_every: int = 1):
+        self.run_dir, self.main = run_dir, main
+        self.ckpt, self.models = run_dir / "checkpoints", run_dir / "models"
+        self.w = writer if writer is not None else _NullWriter()
+        self._progress_cb, self._every = progress, max(int(checkpoint_every), 1)
+
+    def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
+        if self.main:
+            self.w.progress(stage, done, total, message)
+            if self._progress_cb:
+                self._progress_cb(stage, done, total)
+
+    def log(self, msg: str) -> None:
+        self.w.log(msg)
+
+    def exists(self, path: Path) -> bool:
+        """Rank 0's view of whether a file exists (every rank takes the same decision)."""
+        return bool(D.broadcast_object(path.is_file() if self.main else None))
+
+    def save(self, obj, path: Path) -> None:
+        """torch.save to `path` atomically (a temporary file, then renamed); rank 0 only."""
+        if self.main:
+            with atomic_path(path) as tmp:
+                torch.save(obj, tmp)
+
+    def save_model(self, path: Path, weights: dict, detectors: dict | None = None, **meta) -> None:
+        """A final model into models/ (NumPy archive, loadable without pickle; cmg_core.artifacts)."""
+        if self.main:
+            save_model(path, weights, detectors, **meta)
+
+    def clear_history(self, stage: str, method: str | None, after_epoch: int) -> None:
+        """Drop history records after `after_epoch`: a resumed stage writes them again."""
+        self.w.clear_history(stage, method, after_epoch=after_epoch)
+
+    def checkpoint(self, name: str, stage: str, method: str | None = None):
+        """(state to resume from or None, callback saving each epoch) for a stage's per-epoch checkpoint.
+        History records after the checkpoint's epoch are dropped: the resumed epochs write them again."""
+        path = self.ckpt / f"{name}.pt"
+        state = torch.load(path, weights_only=True) if path.is_file() else None
+        self.clear_history(stage, method, int(state["epoch"]) if state else 0)
+        return state, lambda epoch, st: self.save(st, path)
+
+    def drop_checkpoint(self, name: str) -> None:
+        """Remove checkpoints/<name>.pt once its stage's final model is saved (rank 0)."""
+        if self.main:
+            (self.ckpt / f"{name}.pt").unlink(missing_ok=True)
+
+    def epoch_cb(self, total: int, label: str):
+        """A callback taking one history record per epoch: history.jsonl and progress."""
+        def cb(rec: dict) -> None:
+            self.w.history(**rec)
+            self.progress(f"{label}" + (f" ({rec['method']})" if rec.get("method") else ""), rec["epoch"], total,
+                          " ".join(f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)))
+        return cb
+
+    def want_checkpoint(self, epoch: int, total: int) -> bool:
+        """Whether `epoch` writes a checkpoint (`train.checkpoint_every`, and always the last)."""
+        return epoch % self._every == 0 or epoch == total
+
+
 def score_method(run, spec, h: np.ndarray, detectors: dict) -> dict:
     """Score a method's features `h` (R, D) with each fitted detector ({scorer: detector}) and log the test
     metrics: {scored key (`cmg`, `cmg@knn`): {"scores": (R,), "metrics": {...}}}."""
@@ -69,7 +125,7 @@ def score_method(run, spec, h: np.ndarray, detectors: dict) -> dict:
         metrics = detection_metrics(run.is_anomaly[test], scores[test], det.threshold_)
         ranking = (f"AUROC {metrics['auroc']:.2f} AUPR {metrics['aupr']:.2f} FPR95 {metrics['fpr95']:.2f}; "
                    if "auroc" in metrics else "no anomalies in the test set (one-class run); ")
-        run.log(f"{scored_key(spec.label, scorer)}: {ranking}threshold flags {metrics['flagged_normal']:.1f} % of "
+        run.io.log(f"{scored_key(spec.label, scorer)}: {ranking}threshold flags {metrics['flagged_normal']:.1f} % of "
                 f"held-out normals (target {100 * det.fpr:.0f} %)")
         words = departures(run.cfg.protocol)
         if words:  # said next to the number: these are not honest test results
@@ -95,17 +151,17 @@ def finish_run(run, results: dict, t0: float, skipped: list | None = None) -> No
     write_results(run, results)
     if not skipped:  # finished: the cached augmented views only served resuming E2
         for name in VIEW_CACHES:
-            (run.ckpt / name).unlink(missing_ok=True)
-    run.w.update_info(status="partial" if skipped else "done", skipped_methods=skipped or [],
+            (run.io.ckpt / name).unlink(missing_ok=True)
+    run.io.w.update_info(status="partial" if skipped else "done", skipped_methods=skipped or [],
                       finished=time.time(), wall_time_s=time.time() - t0, stage_seconds=getattr(run, "seconds", {}))
-    run.progress("done", 1, 1)
-    run.log(f"done in {time.time() - t0:.1f} s")
+    run.io.progress("done", 1, 1)
+    run.io.log(f"done in {time.time() - t0:.1f} s")
 
 
 def mark_stopped(run, exc: BaseException) -> None:
     """Record why a run stopped (failed, or interrupted by the user) in run.json and the log."""
-    run.w.update_info(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+    run.io.w.update_info(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                       error=f"{exc.__class__.__name__}: {exc}")
-    run.log(f"stopped: {exc.__class__.__name__}: {exc}")
+    run.io.log(f"stopped: {exc.__class__.__name__}: {exc}")
 
 

@@ -12,7 +12,6 @@ E1/CMER/RID (frozen E1), GMM and LLE; results the other ranks need are broadcast
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import time
@@ -33,25 +32,29 @@ from ..features import load_images
 from ..masks import grid_masks
 from ..protocol import Scoring, departures, run_scoring, scoring_masks, scoring_needs
 from ..runs import RunWriter, method_slug, write_csv, write_npy
+from ..encoders import caption_tensor
 from ..stages import mean_caption_embedding
 from ..utils import resolve_device, resolve_trunk_precision, seed_everything
-from ..artifacts import load_model, model_path, save_model
-from .nets import save_atomic
+from ..artifacts import load_model, model_path
 from ..methods import MethodSpec, check_needs, parse_method, run_needs
-from .devices import RunDevices
+from .context import StageContext
+from .devices import Devices
+from .end2end import End2EndE1, End2EndE2
+from .frozen import FrozenE1, HeadE2, TrunkFeatures
 from .baselines import (cmda_pairs, fit_detectors, untrained_features, untrained_model,
                         write_language_explainer)
 from .objective import build_guidance
 from .evaluate import epoch_evaluator, report_best_epoch, scored_features
 from .rid import rid_stage
-from .records import (_NullWriter, caption_tensor, check_resume, finish_run, mark_stopped, score_method,
-                      write_results)
+from .records import RunIO, check_resume, finish_run, mark_stopped, score_method, write_results
 
 Progress = Callable[[str, int, int], None]
 
 
-class Run(RunDevices):
-    """State of one run while it trains; `run()` is the whole straight line."""
+class Training:
+    """One run while it trains; `run()` is the whole straight line. The feature backends and RID's stage get a
+    `StageContext` (the task's rows and config, `Devices`, `RunIO`) and the earlier stages' results as arguments;
+    what this class holds is the pipeline's own state between stages."""
 
     def __init__(self, cfg: RunConfig, progress: Progress | None = None, overwrite: bool = False,
                  extra_scorings: tuple[Scoring, ...] = ()):
@@ -59,89 +62,33 @@ class Run(RunDevices):
         self.scoring = run_scoring(cfg.protocol)  # how the detectors' features are extracted (cmg_core.protocol)
         self.extra_scorings = tuple(s for s in extra_scorings if s != self.scoring)  # cmg audit: per-epoch AUROCs too
         self.dist = D.init_distributed() if cfg.model.profile == "end2end" else D.DistInfo()
-        self.rank, self.world = self.dist.rank, self.dist.world_size
-        self.main = self.rank == 0
+        self.main = self.dist.rank == 0
         self.run_dir = Path(cfg.out_dir) / cfg.name
-        self.ckpt, self.models = self.run_dir / "checkpoints", self.run_dir / "models"
-        self._progress_cb = progress
         self.mask_apply = mask_apply(cfg)
-        self._clusters = None
+        self._clusters = self._e2 = None
         self.feats = None  # the frozen trunk's features (frozen.TrunkFeatures), when a stage needs them
         self.captions = self.caption_mean = None  # caption embeddings, when a method reads captions
-        error = None
+        self.cmer_label = self.rid_choice = self.rid_test_choice = None  # masks, when a method's needs ran them
+        error, writer = None, None
         if self.main:
             try:
                 check_resume(self.run_dir, cfg, overwrite)
-                self.w = RunWriter(self.run_dir)
+                writer = RunWriter(self.run_dir)
             except CMGError as exc:
                 error = (type(exc).__name__, str(exc))
-        else:
-            self.w = _NullWriter()
         error = D.broadcast_object(error)
         if error is not None:
             D.cleanup(self.dist)
             raise (DataError if error[0] == "DataError" else ConfigError)(error[1])
-
-    # --- bookkeeping (rank 0 writes) ---------------------------------------------------------------
-    def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
-        if self.main:
-            self.w.progress(stage, done, total, message)
-            if self._progress_cb:
-                self._progress_cb(stage, done, total)
-
-    def log(self, msg: str) -> None:
-        self.w.log(msg)
-
-    def stage_seed(self, k: int) -> int:
-        return self.cfg.train.seed * 1000 + k
-
-    def slug(self, spec: MethodSpec) -> str:
-        return method_slug(spec.name)
-
-    def exists(self, path: Path) -> bool:
-        """Rank 0's view of whether a file exists (every rank takes the same decision)."""
-        return bool(D.broadcast_object(path.is_file() if self.main else None))
-
-    def save(self, obj, path: Path) -> None:
-        if self.main:
-            save_atomic(obj, path)
-
-    def save_model(self, path: Path, weights: dict, detectors: dict | None = None, **meta) -> None:
-        """A final model into models/ (NumPy archive, loadable without pickle; cmg_core.artifacts)."""
-        if self.main:
-            save_model(path, weights, detectors, **meta)
-
-    def checkpoint(self, name: str, stage: str, method: str | None = None):
-        """(state to resume from or None, callback saving each epoch) for a stage's per-epoch checkpoint.
-        History records after the checkpoint's epoch are dropped: the resumed epochs write them again."""
-        path = self.ckpt / f"{name}.pt"
-        state = torch.load(path, weights_only=True) if path.is_file() else None
-        self.w.clear_history(stage, method, after_epoch=int(state["epoch"]) if state else 0)
-        return state, lambda epoch, st: self.save(st, path)
-
-    def drop_checkpoint(self, name: str) -> None:
-        """Remove checkpoints/<name>.pt once its stage's final model is saved (rank 0)."""
-        if self.main:
-            (self.ckpt / f"{name}.pt").unlink(missing_ok=True)
-
-    def epoch_cb(self, total: int, label: str):
-        def cb(rec: dict) -> None:
-            self.w.history(**rec)
-            self.progress(f"{label}" + (f" ({rec['method']})" if rec.get("method") else ""), rec["epoch"], total,
-                          " ".join(f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)))
-        return cb
-
-    def want_checkpoint(self, epoch: int, total: int) -> bool:
-        every = max(int(self.cfg.train.checkpoint_every), 1)
-        return epoch % every == 0 or epoch == total
+        self.io = RunIO(self.run_dir, self.main, writer, progress, cfg.train.checkpoint_every)
 
     # --- stages ------------------------------------------------------------------------------------
     def prepare(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
-        self.device = D.device_for(resolve_device(cfg.train.device), self.dist)
-        self.amp = bool(cfg.train.amp) and self.device.type == "cuda"
-        if self.device.type == "cuda":
+        device = D.device_for(resolve_device(cfg.train.device), self.dist)
+        self.dev = Devices(device, bool(cfg.train.amp) and device.type == "cuda", self.dist, self.io.log)
+        if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if self.main:  # rank 0 first: generating a dataset cache is not safe to do concurrently
             self.ds = load_data(cfg.data)
@@ -157,19 +104,20 @@ class Run(RunDevices):
         labels = self.ds.labels
         self.class_labels = np.array([ids.get(int(labels[r]), -1) for r in self.rows])
         self.roles = np.array(["train"] * self.n_train + ["test"] * len(t.test_idx))
+        self.ctx = StageContext(cfg, self.ds, self.rows, self.n_train, self.mask_apply, self.dev, self.io)
         self.specs = [parse_method(m, cfg.cmle.loss) for m in cfg.train.methods]
         self.needs = run_needs(self.specs) | scoring_needs((self.scoring, *self.extra_scorings))
         check_needs(self.specs, self.ds, cfg.data)
         if not self.main:
             return
         save_config(cfg, self.run_dir / "config.yaml")
-        self.w.update_info(name=cfg.name, status="running", created=time.time(), profile=cfg.model.profile,
+        self.io.w.update_info(name=cfg.name, status="running", created=time.time(), profile=cfg.model.profile,
                            methods=list(cfg.train.methods), method_labels={s.name: s.label for s in self.specs},
                            dataset={"name": cfg.data.name, "root": cfg.data.root}, class_names=self.ds.class_names,
                            normal_classes=list(t.normal_classes), n_regions=cfg.cmer.n_regions, mask=cfg.cmer.mask,
                            mask_apply=self.mask_apply, e1_encoder=cfg.e1.encoder, image_size=cfg.data.image_size,
-                           trunk_precision=resolve_trunk_precision(cfg.model.trunk_precision, self.device),
-                           device=str(self.device), world_size=self.world, host=platform.node(), error=None,
+                           trunk_precision=resolve_trunk_precision(cfg.model.trunk_precision, device),
+                           device=str(device), world_size=self.dist.world_size, host=platform.node(), error=None,
                            departures=departures(cfg.protocol))
         items = [self.ds[i] for i in self.rows]
         write_csv(self.run_dir / "images.csv", pd.DataFrame({
@@ -177,23 +125,23 @@ class Run(RunDevices):
             "path": [str(it.path) for it in items], "class_id": [it.class_id for it in items],
             "class_name": [it.class_name for it in items], "role": self.roles, "is_anomaly": self.is_anomaly,
             "captions": [" | ".join(it.captions) for it in items]}))
-        self.log(f"task: {t.describe(self.ds)}; device {self.device}; {self.world} process(es); "
+        self.io.log(f"task: {t.describe(self.ds)}; device {device}; {self.dist.world_size} process(es); "
                  f"profile {cfg.model.profile}")
 
     def text(self) -> None:
-        self.progress("text embeddings", 0, 1)
-        caps = caption_tensor(self.ds, self.rows, self.cfg.model.text_model, str(self.device)) if self.main else None
+        self.io.progress("text embeddings", 0, 1)
+        caps = (caption_tensor(self.ds, self.rows, self.cfg.model.text_model, str(self.dev.device)) if self.main
+                else None)
         self.captions = D.broadcast_object(caps).float()  # (R, C, T) on CPU
         self.caption_mean = mean_caption_embedding(self.captions)
-        self.progress("text embeddings", 1, 1)
+        self.io.progress("text embeddings", 1, 1)
 
     def images_on_device(self) -> None:
         s = self.cfg.data.image_size
-        self.progress("images", 0, 1)
-        self.images = load_images(self.ds, self.rows, s).to(self.device)  # (R, 3, S, S) uint8
-        self.masks = grid_masks(s, s, self.cfg.cmer.n_regions, self.cfg.cmer.mask, self.cfg.cmer.soft_value
-                                ).to(self.device)
-        self.progress("images", 1, 1)
+        self.io.progress("images", 0, 1)
+        self.dev.hold(load_images(self.ds, self.rows, s),  # (R, 3, S, S) uint8
+                      grid_masks(s, s, self.cfg.cmer.n_regions, self.cfg.cmer.mask, self.cfg.cmer.soft_value))
+        self.io.progress("images", 1, 1)
 
     def needs_trunk(self) -> bool:
         """Whether the run needs the frozen trunk's features: the frozen profile's E2 heads, a frozen E1, or a
@@ -203,54 +151,41 @@ class Run(RunDevices):
 
     def trunk_features(self) -> None:
         """The frozen trunk's features of every row (rank 0), with masked variants only when CMER needs them."""
-        from .frozen import TrunkFeatures
-
         masked = "e1" in self.needs and self.cfg.e1.encoder == "frozen"
-        self.feats = TrunkFeatures(self, masked=masked) if self.main else None
+        self.feats = TrunkFeatures(self.ctx, masked=masked) if self.main else None
 
     def e1_and_cmer(self) -> None:
         """E1 (Eq.1) and CMER's labels (Eq.2); RID's inputs are kept for `rid`."""
-        from .frozen import FrozenE1
-
         cfg = self.cfg
         if cfg.e1.encoder == "end2end":
-            from .end2end import End2EndE1
-
-            self.e1 = End2EndE1(self)
+            self.e1 = End2EndE1(self.ctx, self.captions)
             out = self.e1.train_and_score()
         else:
-            self.e1 = FrozenE1(self, self.feats) if self.main else None
+            self.e1 = FrozenE1(self.ctx, self.feats, self.captions) if self.main else None
             out = self.e1.train_and_score() if self.main else None
         out = D.broadcast_object(out if self.main else None)
         self.e1_scores, self.rid_orig, self.rid_masked = out
         self.cmer_label = self.e1_scores.argmax(1)
         m = cfg.cmer.n_regions
-        self.log(f"CMER labels on training images: {np.bincount(self.cmer_label[: self.n_train], minlength=m).tolist()}"
+        self.io.log(f"CMER labels on training images: {np.bincount(self.cmer_label[: self.n_train], minlength=m).tolist()}"
                  f" (M={m})")
 
     def rid(self) -> None:
-        out = rid_stage(self) if self.main else None
+        test_select = any(s.uses_rid_test for s in (self.scoring, *self.extra_scorings))
+        out = (rid_stage(self.ctx, self.e1_scores, self.rid_orig, self.rid_masked, self.cmer_label, self.roles,
+                         self.is_anomaly, test_select) if self.main else None)
         self.rid_probs, self.rid_test_choice = D.broadcast_object(out)
         self.rid_choice = self.rid_probs.argmax(1)
 
     def scoring_masks(self, spec: MethodSpec, scoring: Scoring) -> np.ndarray | None:
         """(R,) the mask index of each row when `spec`'s features are scored under `scoring` (-1 unmasked)."""
-        choices = {"rid": getattr(self, "rid_choice", None), "captions": getattr(self, "cmer_label", None),
-                   "rid_test": getattr(self, "rid_test_choice", None)}  # the stages the run's needs ran
+        choices = {"rid": self.rid_choice, "captions": self.cmer_label,
+                   "rid_test": self.rid_test_choice}  # None where the run's needs did not run the stage
         return scoring_masks(scoring, spec.er, choices, self.is_anomaly)
 
     def items_per_image(self) -> int:
         """How often an E2 epoch passes each training image: once, or once per caption (protocol.train_items)."""
         return int(self.captions.shape[1]) if self.cfg.protocol.train_items == "captions" else 1
-
-    def e2_config(self, spec: MethodSpec):
-        """The e2 section this method trains with: its epochs from protocol.method_epochs (by name, label or base
-        method) when listed there."""
-        per = self.cfg.protocol.method_epochs
-        for key in (spec.name, spec.label, spec.base):
-            if key in per:
-                return dataclasses.replace(self.cfg.e2, epochs=int(per[key]))
-        return self.cfg.e2
 
     def clusters_and_weights(self):
         """(GMM caption-cluster labels (N,), LLE weights (N, N) csr) of the training images; once per run."""
@@ -263,9 +198,9 @@ class Run(RunDevices):
                 if k > len(emb):
                     out = f"cmle.n_clusters={k} is larger than the {len(emb)} normal training images"
                 else:
-                    labels, _ = fit_caption_clusters(emb, k, cfg.cmle.covariance_type, seed=self.stage_seed(4))
+                    labels, _ = fit_caption_clusters(emb, k, cfg.cmle.covariance_type, seed=self.ctx.stage_seed(4))
                     out = (labels, cmle_weights(emb, labels, cfg.cmle.n_neighbors, cfg.cmle.reg).tocsr())
-                    self.log(f"CMLE: GMM cluster sizes {np.bincount(labels, minlength=k).tolist()}")
+                    self.io.log(f"CMLE: GMM cluster sizes {np.bincount(labels, minlength=k).tolist()}")
             out = D.broadcast_object(out)
             if isinstance(out, str):
                 raise ConfigError(out)
@@ -274,23 +209,18 @@ class Run(RunDevices):
         return self._clusters
 
     def e2_backend(self):
-        if getattr(self, "_e2", None) is None:
-            if self.cfg.model.profile == "frozen":
-                from .frozen import HeadE2
-
-                self._e2 = HeadE2(self, self.feats)
-            else:
-                from .end2end import End2EndE2
-
-                self._e2 = End2EndE2(self)
+        if self._e2 is None:
+            per_image = self.items_per_image()
+            self._e2 = (HeadE2(self.ctx, self.feats, self.cmer_label, per_image) if self.cfg.model.profile == "frozen"
+                        else End2EndE2(self.ctx, self.cmer_label, per_image))
         return self._e2
 
     def train_method(self, spec: MethodSpec) -> dict:
         """Train (or load) a method's E2 and fit its detectors: {scored key: {"scores", "metrics"}} on rank 0."""
         cfg, n = self.cfg, self.n_train
-        final = model_path(self.models, self.slug(spec))
+        final = model_path(self.io.models, method_slug(spec.name))
         backend = self.e2_backend() if spec.trained else None
-        if self.exists(final):
+        if self.io.exists(final):
             if not self.main:
                 return {}
             weights, states, meta = load_model(final)
@@ -316,13 +246,13 @@ class Run(RunDevices):
                 return {}
             h = self.method_features(backend, model, spec)
             dets = fit_detectors(self, spec, h, self.scorers(spec), model)
-            self.save_model(final, model.state_dict() if model is not None else {},
+            self.io.save_model(final, model.state_dict() if model is not None else {},
                             {s: d.state_dict() for s, d in dets.items()}, method=spec.name, text_dim=int(text_dim),
                             uses_er=spec.er)
             if spec.trained:
-                self.drop_checkpoint(f"e2_{self.slug(spec)}")  # superseded by the final model
+                self.io.drop_checkpoint(f"e2_{method_slug(spec.name)}")  # superseded by the final model
                 D.barrier()
-        write_npy(self.run_dir / "embeddings" / f"{self.slug(spec)}.npy", h.astype(np.float32))
+        write_npy(self.run_dir / "embeddings" / f"{method_slug(spec.name)}.npy", h.astype(np.float32))
         return report_best_epoch(self, spec, score_method(self, spec, h, dets))
 
     def scorers(self, spec: MethodSpec) -> list[str]:
@@ -362,9 +292,9 @@ class Run(RunDevices):
             for i, spec in enumerate(self.specs):
                 if time.time() > deadline:
                     skipped = [s.name for s in self.specs[i:]]
-                    self.log(f"time budget (CMG_DEADLINE) reached: stopping before {skipped}")
+                    self.io.log(f"time budget (CMG_DEADLINE) reached: stopping before {skipped}")
                     break
-                self.progress("methods", i, len(self.specs), spec.name)
+                self.io.progress("methods", i, len(self.specs), spec.name)
                 results.update(timed(f"e2 {spec.name}", self.train_method, spec))
                 if self.main:  # finished methods are on disk even if the process is stopped later
                     write_results(self, results)
@@ -373,7 +303,7 @@ class Run(RunDevices):
                     timed("language", write_language_explainer, self)
                 finish_run(self, results, t0, skipped)
         except BaseException as exc:
-            if self.main and hasattr(self, "w"):
+            if self.main:
                 mark_stopped(self, exc)
             D.cleanup(self.dist, wait=False)
             raise
@@ -386,4 +316,4 @@ def train_run(cfg: RunConfig, progress: Progress | None = None, overwrite: bool 
     """Train every method of `cfg` and write the run folder; returns its path. Under torchrun every process
     calls this (end2end profile); rank 0 writes the run folder. extra_scorings: per-epoch test AUROCs of each
     trained method under these scorings too (history keys `auroc|<scoring key>`; `cmg audit`)."""
-    return Run(cfg, progress=progress, overwrite=overwrite, extra_scorings=extra_scorings).run()
+    return Training(cfg, progress=progress, overwrite=overwrite, extra_scorings=extra_scorings).run()
