@@ -268,7 +268,7 @@ def test_language_explainer_by_hand(tmp_path):
     cap_mean = np.repeat(text[:2], 10, axis=0) + 0.01 * rng.normal(size=(20, 3))
     trunk = cap_mean @ np.linalg.pinv(a)
     captions = [["a red thing"]] * 10 + [["a green thing"]] * 10
-    from cmg_core.train.baselines import text_space_map
+    from cmg_core.train.untrained import text_space_map
 
     lin = text_space_map(trunk, cap_mean, alpha=1e-6)
     exp = build_explainer(lin.weight.detach().numpy(), lin.bias.detach().numpy(), cap_mean, captions,

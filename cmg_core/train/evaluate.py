@@ -16,7 +16,7 @@ from ..methods import MethodSpec, primary_scorer, scored_key
 from ..metrics import detection_metrics
 from ..protocol import Scoring, auroc_key, class_pure_groups, evaluated_epoch
 from ..utils import read_bounded_text
-from .baselines import fit_detectors
+from .detectors import fit_detectors
 
 
 def scored_features(run, backend, model, spec: MethodSpec, scoring: Scoring, cache: dict | None = None) -> np.ndarray:

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from ..cmda import cmda_partners
 from ..cmle import batch_caption_clusters
 from ..errors import ConfigError
 from ..losses import lle_reconstruction_loss, mse_distillation_loss, nt_xent_loss, supcon_loss
@@ -164,3 +165,15 @@ def e2_step_loss(g: Guidance, ids: torch.Tensor, z1: torch.Tensor, z2: torch.Ten
         total += g.mse_weight * lm.item()
     parts["loss"] = total
     return loss, parts
+
+
+@torch.no_grad()
+def cmda_pairs(e1, trunk_feats: torch.Tensor, captions: torch.Tensor, neighbors: int, max_mix: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(partners (N, k), weights (N, k)) of the normal training images for `cmda`: S[i, j] = E1's matching score
+    (Eq.2, cosine in E1's joint space) of image j (trunk features (N, F)) against the mean of image i's caption
+    embeddings (captions (N, C, T)); `cmda.cmda_partners` picks each row's partners from S."""
+    img = F.normalize(e1.image.eval()(trunk_feats.float()), dim=-1)  # (N, D)
+    txt = F.normalize(e1.text.eval()(captions.float()), dim=-1).mean(1)  # (N, D) mean over captions
+    sim = (F.normalize(txt, dim=-1) @ img.T).numpy()  # (N, N): row i = captions of i, column j = image j
+    return cmda_partners(sim, neighbors, max_mix)

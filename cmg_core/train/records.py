@@ -19,6 +19,7 @@ from ..metrics import detection_metrics
 from ..protocol import departures
 from ..runs import check_run_folder, remove_run_folder, remove_temporaries, write_csv, write_json
 from ..utils import atomic_path
+from .untrained import run_text_encoder, run_text_space_map
 
 
 def check_resume(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
@@ -165,3 +166,27 @@ def mark_stopped(run, exc: BaseException) -> None:
     run.io.log(f"stopped: {exc.__class__.__name__}: {exc}")
 
 
+def write_language_explainer(run) -> None:
+    """language.npz in the run folder (cmg_core.language): what a new image is close to in words. Needs a frozen E1 trunk and
+    the text model (to embed the dictionary); skipped with a log line otherwise."""
+    from ..bliss import load_dictionary
+    from ..errors import CMGError
+    from ..language import build_explainer
+
+    cfg, n = run.cfg, run.n_train
+    if cfg.e1.encoder != "frozen":
+        return
+    try:
+        words = load_dictionary(cfg.bliss.dictionary)
+        word_emb = run_text_encoder(run).encode(words)
+        try:
+            labels = run.clusters_and_weights()[0]
+        except CMGError:  # fewer training images than caption clusters
+            labels = np.zeros(n, dtype=int)
+        caps = [list(run.ds[i].captions) for i in run.rows[:n]]
+        lin = run_text_space_map(run)
+        exp = build_explainer(lin.weight.detach().numpy(), lin.bias.detach().numpy(), run.caption_mean[:n].numpy(),
+                              caps, run.captions[:n].numpy(), labels, words, word_emb)
+        exp.save(run.run_dir / "language.npz")
+    except (CMGError, OSError, ImportError) as exc:
+        run.io.log(f"language explanations skipped: {exc}")

@@ -41,12 +41,13 @@ from .context import StageContext
 from .devices import Devices
 from .end2end import End2EndE1, End2EndE2
 from .frozen import FrozenE1, HeadE2, TrunkFeatures
-from .baselines import (cmda_pairs, fit_detectors, untrained_features, untrained_model,
-                        write_language_explainer)
-from .objective import build_guidance
+from .detectors import fit_detectors
+from .untrained import untrained_features, untrained_model
+from .objective import build_guidance, cmda_pairs
 from .evaluate import epoch_evaluator, report_best_epoch, scored_features
 from .rid import rid_stage
-from .records import RunIO, check_resume, finish_run, mark_stopped, score_method, write_results
+from .records import (RunIO, check_resume, finish_run, mark_stopped, score_method, write_language_explainer,
+                      write_results)
 
 Progress = Callable[[str, int, int], None]
 
@@ -208,6 +209,13 @@ class Training:
             self._clusters = out
         return self._clusters
 
+    def cmda_pairs(self):
+        """(cmda config section, partners (N, k), weights (N, k)) of the training images (objective.cmda_pairs)."""
+        n, c = self.n_train, self.cfg.cmda
+        partners, weights = cmda_pairs(self.e1.model, self.feats.orig[:n], self.captions[:n], c.neighbors, c.max_mix)
+        self.io.log(f"CMDA: {partners.shape[1]} partners per image, mean weight {weights.mean():.3f}")
+        return c, partners, weights
+
     def e2_backend(self):
         if self._e2 is None:
             per_image = self.items_per_image()
@@ -236,7 +244,7 @@ class Training:
             if spec.trained:
                 caps = self.caption_mean[:n] if self.caption_mean is not None else None
                 g = build_guidance(spec, caps, cfg.cmle, cfg.e2.mse_weight, self.clusters_and_weights,
-                                   self.class_labels[:n], lambda: cmda_pairs(self),
+                                   self.class_labels[:n], self.cmda_pairs,
                                    supcon_per_batch=cfg.protocol.supcon_labels == "batch")
                 model = backend.train(spec, g, epoch_evaluator(self, backend, spec, self.extra_scorings))
                 text_dim = g.head_dim
