@@ -350,25 +350,23 @@ class RunData:
 PREDICTORS = 4  # run folders whose models stay loaded at once (least recently used out)
 
 
+def load_predictor(run_path: str):
+    """A run folder's `cmg_core.predict.Predictor` (DataError when the prediction API cannot be imported).
+
+    The one place the app makes predictors: tests replace this function (monkeypatch in-process;
+    tests/fake_server.py before a streamlit server starts)."""
+    try:
+        from cmg_core.predict import Predictor
+    except ImportError as exc:
+        raise DataError(f"the prediction API (cmg_core.predict.Predictor) is not available: {exc}") from exc
+    return Predictor.load(run_path)
+
+
 @st.cache_resource(show_spinner=False, max_entries=PREDICTORS)
 def predictor_for(run_path: str, token: int) -> SharedPredictor:
-    """The run's Predictor (cmg_core.predict.Predictor.load), loaded once per run folder version and shared by
-    every session behind a lock (app.uploads.SharedPredictor).
-
-    `CMG_APP_PREDICTOR=module:Class` swaps in another class with the same interface (tests, bench).
-    """
-    spec = os.environ.get("CMG_APP_PREDICTOR")
-    if spec:
-        import importlib
-
-        mod_name, _, cls_name = spec.partition(":")
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-    else:
-        try:
-            from cmg_core.predict import Predictor as cls
-        except ImportError as exc:
-            raise DataError(f"the prediction API (cmg_core.predict.Predictor) is not available: {exc}") from exc
-    return SharedPredictor(cls.load(run_path))
+    """The run's Predictor (`load_predictor`), loaded once per run folder version and shared by every session
+    behind a lock (app.uploads.SharedPredictor)."""
+    return SharedPredictor(load_predictor(run_path))
 
 
 def get_predictor(run: RunData):

@@ -24,3 +24,8 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'cmg_core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy exports (not yet imported, so plain `dir` would miss them) and the module's own names."""
+    return sorted(set(globals()) | set(__all__))

@@ -4,12 +4,17 @@ numpy in, numpy / pandas out.  Heavy libraries (sklearn.manifold, umap, dcor) ar
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, DataError
+from .utils import atomic_path, cache_dir, load_npz
 
-__all__ = ["EMBED_METHODS", "embed_2d", "dcor_matrix"]
+__all__ = ["EMBED_METHODS", "embed_2d", "dcor_matrix", "latent_map", "cached_latent_map"]
 
 EMBED_METHODS = ("tsne", "umap")
 
@@ -51,6 +56,63 @@ def embed_2d(X: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
         reducer = umap.UMAP(n_components=2, n_neighbors=int(min(15, n - 1)), random_state=seed)
         out = reducer.fit_transform(a)
     return np.asarray(out, dtype=np.float64)
+
+
+LATENT_FORMAT = 1  # bump when embed_2d's settings change: maps cached under the old ones are then recomputed
+
+
+def subsample_rows(n: int, max_points: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted rows of a seeded sample of `max_points` of `n` rows; all rows when n <= max_points (or None)."""
+    if max_points is None or n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+
+
+def latent_map(X: np.ndarray, method: str = "tsne", seed: int = 0,
+               max_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, coords)``: `embed_2d` of the rows of ``X (N, D)``, of a seeded sample of `max_points` of them
+    when N is larger (rows: the sample's row numbers, sorted; coords: ``(len(rows), 2)``)."""
+    rows = subsample_rows(len(X), max_points, seed)
+    return rows, embed_2d(np.asarray(X)[rows], method, seed=seed)
+
+
+def latent_key(X: np.ndarray, method: str = "tsne", seed: int = 0, max_points: int | None = None) -> str:
+    """sha256 hex of the features' content (values, shape, dtype) and the map's settings: `cached_latent_map`'s key."""
+    a = np.ascontiguousarray(X)
+    settings = {"format": LATENT_FORMAT, "method": method, "seed": int(seed), "max_points": max_points,
+                "shape": list(a.shape), "dtype": a.dtype.str}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def cached_latent_map(X: np.ndarray, method: str = "tsne", seed: int = 0, max_points: int | None = None,
+                      folder: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`latent_map` computed once per features content and settings (`latent_key`), then read back.
+
+    Stored as ``<key>.npz`` under `folder` (default ``cmg_core.utils.cache_dir("latent")``, i.e.
+    ``$CMG_CACHE_DIR/latent``), never next to the features. A cache file that cannot be read is recomputed; a
+    cache folder that cannot be written only costs the reuse. Returns ``(rows, coords, from_cache)``."""
+    key = latent_key(X, method, seed, max_points)
+    try:
+        path = Path(folder) / f"{key}.npz" if folder is not None else cache_dir("latent") / f"{key}.npz"
+    except OSError:  # no writable cache folder: compute, keep nothing
+        return (*latent_map(X, method, seed, max_points), False)
+    if path.is_file():
+        try:
+            z = load_npz(path)
+            rows, coords = z["rows"].astype(int), z["coords"].astype(np.float64)
+            if coords.shape == (len(rows), 2):
+                return rows, coords, True
+        except (DataError, KeyError):
+            pass
+    rows, coords = latent_map(X, method, seed, max_points)
+    try:
+        with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
+            np.savez(f, rows=rows, coords=coords)
+    except OSError:
+        pass
+    return rows, coords, False
 
 
 def dcor_matrix(arrays: dict[str, np.ndarray], bias_corrected: bool = False) -> pd.DataFrame:

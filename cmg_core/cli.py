@@ -99,26 +99,11 @@ def _with_trunk_features(args, progress):
     return packed, [{"spec": spec, "orig": orig, "masked": masked}]
 
 
-def _progress_bars():
-    """A progress callback drawing one tqdm bar per stage in the terminal, and a function closing it."""
-    from tqdm import tqdm
+def _progress_bars(stream=None, **bar_options):
+    """tqdm bars per stage in a terminal, plain milestone lines elsewhere (`cmg_core.utils.progress_reporter`)."""
+    from .utils import progress_reporter
 
-    bars: dict = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
-        bar.n = done
-        bar.refresh()
-
-    def close() -> None:
-        for bar in bars.values():
-            bar.close()
-        bars.clear()
-
-    return progress, close
+    return progress_reporter(stream, **bar_options)
 
 
 def _cmd_train(args) -> int:
@@ -131,8 +116,24 @@ def _cmd_train(args) -> int:
     close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
+    if not args.no_analyses:
+        _write_latent(run_dir, cfg.train.seed)
     print(f"run folder: {run_dir}")
     return _print_metrics(run_dir)
+
+
+def _write_latent(run_dir, seed: int) -> None:
+    """The run's t-SNE maps (analysis/latent.json), so the app's Latent page opens at once on it."""
+    import time
+
+    from .figures import RUN_MAPS, write_latent_maps
+    from .runs import Run
+
+    t0 = time.time()
+    lat = write_latent_maps(Run.open(run_dir), seed=seed, algos=RUN_MAPS)
+    if lat["methods"]:
+        print(f"latent maps of {', '.join(lat['methods'])} written in {time.time() - t0:.0f} s "
+              "(analysis/latent.json)", file=sys.stderr)
 
 
 def _print_metrics(run_dir) -> int:
@@ -192,17 +193,21 @@ def _cmd_predict(args) -> int:
     """Score many images with a finished run, a batch at a time, into a CSV."""
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from .predict import Predictor
     from .utils import atomic_path
 
     files = image_files(args.images)
     pred = Predictor.load(args.run, device=args.device)
     methods = args.method or pred.methods
-    with tqdm(total=len(files), unit="img", desc="predict", disable=args.quiet) as bar:
+    bar, close = (None, None) if args.quiet else _progress_bars(unit="img", leave=True)
+    if bar is not None:
+        bar("predict", 0, len(files))
+    try:
         table = pred.score_table(files, batch_size=args.batch_size, methods=methods,
-                                 progress=lambda done, total: bar.update(done - bar.n))
+                                 progress=None if bar is None else lambda done, total: bar("predict", done, total))
+    finally:
+        if close is not None:
+            close()
     with atomic_path(Path(args.out)) as tmp:
         table.to_csv(tmp, index=False)
     bad = int((table.error != "").sum())
@@ -298,7 +303,7 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    """Train the small demo run shipped in assets/ (synthetic data, cpu profile)."""
+    """Train the small demo run shipped in assets/ (synthetic data, frozen profile)."""
     import shutil
     from pathlib import Path
 
@@ -359,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. e2.epochs=10")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run folder of the same name")
+    p.add_argument("--no-analyses", action="store_true",
+                   help="skip the t-SNE maps of the SSD and CMG features (analysis/latent.json) the app opens on")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="recompute and print the metrics of a run folder")

@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .analysis import dcor_matrix, embed_2d
+from .analysis import EMBED_METHODS, dcor_matrix, embed_2d
 from .config import RunConfig, mask_apply
 from .data import load_data
 from .features import cached_mask_features, load_images, masked_variants, to_float
 from .encoders import caption_tensor
 from .train.frozen import build_trunk
 from .methods import parse_method
-from .runs import Run, write_json
+from .runs import Run, method_slug, write_json
 from .stages import mean_caption_embedding
 from .utils import resolve_device
 
@@ -67,17 +67,47 @@ def pixel_dcor(images: torch.Tensor, masked: torch.Tensor, seed: int = 0) -> dic
             "n_images": int(images.shape[0])}
 
 
-def latent_maps(run: Run, methods=("ssd", "cmg"), seed: int = 0) -> dict:
-    """Fig.6: t-SNE and UMAP coordinates of E2 embeddings, aligned with the run's images.csv rows."""
+def latent_maps(run: Run, methods=("ssd", "cmg"), seed: int = 0, algos=EMBED_METHODS) -> dict:
+    """Fig.6: t-SNE and UMAP (`algos`) coordinates of E2 embeddings, aligned with the run's images.csv rows (every
+    method of `methods` or whose base method is one of them, e.g. `cmg[supcon]`, that has embeddings)."""
     images = run.images()
     out = {"rows": images.row.tolist(), "class_name": images.class_name.tolist(),
            "is_anomaly": images.is_anomaly.tolist(), "methods": {}}
     for m in [m for m in run.methods if m in methods or parse_method(m).base in methods]:
-        if m not in run.methods:
+        if not (run.path / "embeddings" / f"{method_slug(m)}.npy").is_file():
             continue
         emb = run.embeddings(m)
-        out["methods"][m] = {alg: embed_2d(emb, alg, seed=seed).round(4).tolist() for alg in ("tsne", "umap")}
+        out["methods"][m] = {alg: embed_2d(emb, alg, seed=seed).round(4).tolist() for alg in algos}
     return out
+
+
+def has_latent_maps(run: Run) -> bool:
+    """Whether the run's analysis/latent.json exists and is newer than every embeddings file (a reused task's)."""
+    lat = run.path / "analysis" / "latent.json"
+    if not lat.is_file():
+        return False
+    return all(p.stat().st_mtime_ns <= lat.stat().st_mtime_ns for p in (run.path / "embeddings").glob("*.npy"))
+
+
+RUN_MAPS = ("tsne",)  # what every finished run gets: the Latent page's first view (UMAP is computed on request)
+
+
+def write_latent_maps(run: Run, seed: int = 0, algos=EMBED_METHODS) -> dict:
+    """`latent_maps` into the run's analysis/latent.json (where the app's Latent page reads them), when the run has
+    SSD or CMG embeddings. Returns the maps."""
+    lat = latent_maps(run, seed=seed, algos=algos)
+    if lat["methods"]:
+        write_json(run.path / "analysis" / "latent.json", lat)
+    return lat
+
+
+def write_missing_latent_maps(runs, seed: int = 0, algos=RUN_MAPS) -> list[Run]:
+    """`write_latent_maps` for each run without current maps (`has_latent_maps`), so the app's Latent page opens at
+    once on every run of an experiment; returns the runs written."""
+    todo = [run for run in runs if not has_latent_maps(run)]
+    for run in todo:
+        write_latent_maps(run, seed=seed, algos=algos)
+    return todo
 
 
 def history_curves(runs: dict[int, Run], stage: str, columns: list[str], methods=None) -> list[dict]:
@@ -110,9 +140,7 @@ def write_run_analyses(run: Run, cfg: RunConfig) -> tuple[dict, dict]:
     down = lambda t: torch.nn.functional.interpolate(t, size=(small, small), mode="area")  # noqa: E731
     dc = pixel_dcor(down(x), down(chosen), seed=cfg.train.seed)
     write_json(run.path / "analysis" / "dcor.json", dc)
-    lat = latent_maps(run, seed=cfg.train.seed)
-    write_json(run.path / "analysis" / "latent.json", lat)
-    return dc, lat
+    return dc, write_latent_maps(run, seed=cfg.train.seed)
 
 
 def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_runs: dict[int, Run],
@@ -152,3 +180,5 @@ def write_analyses(cfg: RunConfig, exp_dir: Path, runs: dict[int, Run], mask_run
     for seed, run in runs.items():  # every task run can show its own Fig.9 point in the app
         write_json(run.path / "analysis" / "fig9.json", fig9)
     log("analysis: fig7-fig10 written")
+    done = write_missing_latent_maps([*runs.values(), *mask_runs.values()], seed=cfg.train.seed)
+    log(f"analysis: latent maps of {len(done)} more task run(s) written")

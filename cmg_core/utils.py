@@ -238,3 +238,69 @@ def read_bounded_text(path: str | Path, limit: int = MAX_JSON_BYTES) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
+
+
+class ProgressLines:
+    """A `progress(stage, done, total)` callback writing plain lines for a stream that is not a terminal (a log
+    file, a pipe): one when a stage starts, one at each `1/steps` of it passed (25 %, 50 %, 75 % by default) and
+    one when it ends, never a '\\r' redraw. At most steps + 1 lines per pass of a stage; a stage whose count goes
+    back (the next run's pass) starts over."""
+
+    def __init__(self, stream, steps: int = 4):
+        import time
+
+        self.stream, self.steps, self._clock = stream, max(1, int(steps)), time.monotonic
+        self._stages: dict[str, list] = {}  # stage -> [last milestone written, last done, start time]
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        total = max(int(total), 1)
+        done = min(max(int(done), 0), total)
+        step = done * self.steps // total
+        state = self._stages.get(stage)
+        if state is None or done < state[1]:
+            state = self._stages[stage] = [-1, done, self._clock()]
+            self._write(stage, done, total, state, "start" if step < self.steps else "done")
+        elif step > state[0]:
+            self._write(stage, done, total, state, "done" if step >= self.steps else "")
+        state[0], state[1] = max(state[0], step), done
+
+    def _write(self, stage: str, done: int, total: int, state: list, word: str) -> None:
+        elapsed = self._clock() - state[2]
+        tail = f" {word}" if word else ""
+        self.stream.write(f"{stage}: {done}/{total} ({100 * done // total}%, {elapsed:.0f} s){tail}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self._stages.clear()
+
+
+def progress_reporter(stream=None, **bar_options):
+    """(progress(stage, done, total), close): one tqdm bar per stage when `stream` (default stderr) is a terminal;
+    otherwise (a log file, a pipe, the app's Train page) `ProgressLines`: a plain line at a stage's start, every
+    25 % and its end, never '\\r' redraws. `bar_options` go to tqdm (leave=False, dynamic_ncols=True by default)."""
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        lines = ProgressLines(stream)
+        return lines, lines.close
+    from tqdm import tqdm
+
+    bars: dict = {}
+    options = {"leave": False, "dynamic_ncols": True, **bar_options}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            close()
+            bar = bars[stage] = tqdm(total=total, desc=stage, file=stream, **options)
+        bar.n = done
+        bar.refresh()
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+
+    return progress, close

@@ -7,24 +7,12 @@ import streamlit as st
 
 from app import plots
 from app.components import guard, require_run, require_table, thumbnails
+from app.latent_maps import MAX_POINTS, SEED, default_pair, embedded
 from app.state import RunData, file_token, score_column
 from cmg_core.errors import DataError
 from cmg_core.runs import method_slug
 
 SEL_KEY = "latent_selected_rows"
-MAX_POINTS = 2500  # larger runs are subsampled (seeded) for the on-demand embedding
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def _embed(run_path: str, method: str, algo: str, token: int, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, coords) of an on-demand embedding of a method's E2 features (cmg_core.analysis.embed_2d)."""
-    from cmg_core.analysis import embed_2d
-
-    X = RunData(run_path).embeddings(method)
-    rows = np.arange(len(X))
-    if len(X) > max_points:
-        rows = np.sort(np.random.default_rng(0).choice(len(X), size=max_points, replace=False))
-    return rows, embed_2d(X[rows], method=algo, seed=0)
 
 
 def precomputed(run: RunData, method: str, algo: str, n_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -56,9 +44,10 @@ def coordinates(run: RunData, method: str, algo: str, n_rows: int) -> tuple[np.n
                         "precomputed latent map")
     label = {"tsne": "t-SNE", "umap": "UMAP"}[algo]
     with st.status(f"Computing the {label} map of `{method}` features ...", expanded=False) as status:
-        rows, coords = _embed(str(run.path), method, algo, file_token(p), MAX_POINTS)
+        rows, coords, cached = embedded(str(run.path), method, algo, file_token(p), MAX_POINTS)
         status.update(label=f"{label} of `{method}`: {len(rows)} points", state="complete")
-    return rows, coords, f"computed here ({label}, seed 0)"
+    return rows, coords, (f"computed here ({label}, seed {SEED}; " + ("read from the app's cache)" if cached else
+                                                                       "kept in the app's cache)"))
 
 
 def selected_rows(event) -> list[int]:
@@ -98,8 +87,7 @@ def render() -> None:
         st.info("This run lists no methods.")
         return
     c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 3, 2])
-    left_default = "cmg" if "cmg" in methods else methods[0]
-    right_default = "ssd" if "ssd" in methods else methods[-1]
+    left_default, right_default = default_pair(methods)
     left = c1.selectbox("Left", methods, index=methods.index(left_default), key="lat_left")
     right = c2.selectbox("Right", methods, index=methods.index(right_default), key="lat_right")
     algo_label = c3.radio("Map", ["t-SNE", "UMAP"], horizontal=True, key="lat_algo")

@@ -7,7 +7,8 @@ optionally, analysis/{dcor,experiment,latent,fig9}.json.
 
 `FakePredictor` has the signature of `cmg_core.predict.Predictor` (`load(run_dir)`, `explain(pil)`);
 `install_fake_predictor(monkeypatch)` puts it in place of `cmg_core.predict` for in-process tests, and
-the running app uses it when `CMG_APP_PREDICTOR=tests.app_fixtures:FakePredictor` (browser test, bench).
+`start_server(..., fake_predictor=True)` serves the app through tests/fake_server.py, which puts
+`FakePredictor.load` in place of the app's predictor factory `app.state.load_predictor` (browser test, bench).
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def make_fake_run(root: str | Path, name: str = "fake_run", n_per_class: int = 6
     save_config(cfg, run / "config.yaml")
     now = time.time() if created is None else created
     write_json(run / "run.json", {
-        "name": name, "status": status, "created": now, "updated": now, "device": "cpu", "profile": "cpu",
+        "name": name, "status": status, "created": now, "updated": now, "device": "cpu", "profile": "frozen",
         "methods": list(methods), "dataset": "synthetic", "class_names": CLASSES,
         "normal_classes": NORMAL, "n_regions": m, "mask_mode": "hard", "image_size": image_size, "error": None,
     })
@@ -311,15 +312,15 @@ def free_port() -> int:
 
 def start_server(runs_dir: str | Path, port: int, log_path: str | Path, fake_predictor: bool = True,
                  extra_env: dict | None = None):
-    """`streamlit run app/main.py` on 127.0.0.1:port (own process group); returns the Popen."""
+    """`streamlit run app/main.py` on 127.0.0.1:port (own process group; with `fake_predictor`, through
+    tests/fake_server.py); returns the Popen."""
     import os
     import subprocess
 
     env = dict(os.environ, CMG_RUNS_DIR=str(runs_dir), PYTHONPATH=str(REPO))
-    if fake_predictor:
-        env["CMG_APP_PREDICTOR"] = "tests.app_fixtures:FakePredictor"
     env.update(extra_env or {})
-    cmd = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
+    serve = ["-m", "tests.fake_server"] if fake_predictor else ["-m", "streamlit", "run", "app/main.py"]
+    cmd = [sys.executable, *serve, "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]
     log = open(log_path, "wb")

@@ -41,7 +41,6 @@ def _env(monkeypatch, runs_dir):
 
     monkeypatch.setenv("CMG_RUNS_DIR", str(runs_dir))
     monkeypatch.setattr("app.state.DEMO_RUN", runs_dir / "no_demo_here")  # the fake runs only
-    monkeypatch.delenv("CMG_APP_PREDICTOR", raising=False)
     fx.install_fake_predictor(monkeypatch)
     st.cache_data.clear()
     st.cache_resource.clear()
@@ -219,6 +218,50 @@ def test_latent_computed_on_demand_tsne():
     assert "computed here (t-SNE" in texts(at)
 
 
+def test_latent_maps_of_a_bare_run_are_computed_once_then_read_from_the_disk_cache(tmp_path, monkeypatch):
+    import streamlit as st
+
+    import cmg_core.analysis as analysis
+
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = analysis.embed_2d
+    monkeypatch.setattr(analysis, "embed_2d", lambda X, method="tsne", seed=0: calls.append(method) or real(X, method, seed))
+    run = _run_path("fake_bare")
+    before = sorted(p.relative_to(run) for p in Path(run).rglob("*"))
+    at = open_page("latent", run="fake_bare")
+    assert_clean(at)
+    assert calls == ["tsne", "tsne"] and "kept in the app's cache" in texts(at)  # ssd and cmg, once each
+    assert len(list((tmp_path / "cache" / "latent").glob("*.npz"))) == 2
+    st.cache_data.clear()  # a new server process: only the disk cache is left
+    at = open_page("latent", run="fake_bare")
+    assert_clean(at)
+    assert calls == ["tsne", "tsne"] and "read from the app's cache" in texts(at)
+    assert len(at.get("plotly_chart")) == 2
+    assert sorted(p.relative_to(run) for p in Path(run).rglob("*")) == before  # nothing written into the run
+
+
+def test_latent_page_opens_on_ssd_vs_cmg():
+    at = open_page("latent")  # fake_full: ssd, ssd+er, ssd+le, cmg, cmg-mse
+    assert_clean(at)
+    assert (at.selectbox(key="lat_left").value, at.selectbox(key="lat_right").value) == ("ssd", "cmg")
+
+
+@pytest.mark.parametrize("methods, pair", [
+    (["raw", "ssd", "ssd+er", "ssd+le", "cmg[lle]", "cmg[supcon]", "cmg-mse", "bliss"], ("ssd", "cmg[lle]")),
+    (["cmg[supcon]", "raw", "ssd"], ("ssd", "cmg[supcon]")),
+    (["ssd", "cmg"], ("ssd", "cmg")),
+    (["raw", "cmg-mse", "ssd+le"], ("raw", "cmg-mse")),  # neither: the run's first two
+    (["bliss", "cmg"], ("cmg", "bliss")),
+    (["not-a-method[x]", "ssd"], ("ssd", "not-a-method[x]")),
+    (["cmg[supcon]"], ("cmg[supcon]", "cmg[supcon]")),
+])
+def test_latent_default_pair(methods, pair):
+    from app.latent_maps import default_pair
+
+    assert default_pair(methods) == pair
+
+
 def test_latent_selection_event_parsing():
     ns: dict = {}
     src = (REPO / "pages" / "latent.py").read_text().split("def _on_select")[0]
@@ -379,8 +422,7 @@ def test_upload_page_bad_files_in_a_batch():
 
 
 def test_upload_page_without_prediction_api(monkeypatch):
-    monkeypatch.delitem(sys.modules, "cmg_core.predict", raising=False)
-    monkeypatch.setenv("CMG_APP_PREDICTOR", "tests.app_fixtures:NoSuchPredictor")
+    monkeypatch.setitem(sys.modules, "cmg_core.predict", None)  # `from cmg_core.predict import ...` fails
     at = open_page("upload")
     at.file_uploader[0].set_value(("shape.png", fx.upload_samples()["good.png"], "image/png")).run()
     assert not at.exception

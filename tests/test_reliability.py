@@ -363,11 +363,9 @@ def test_the_app_keeps_a_bounded_number_of_predictors(tmp_path, monkeypatch):
     from app import state
     from tests import app_fixtures as fx
 
-    monkeypatch.setenv("CMG_APP_PREDICTOR", "tests.app_fixtures:FakePredictor")
     st.cache_resource.clear()
     loaded = []
-    real = fx.FakePredictor.load.__func__
-    monkeypatch.setattr(fx.FakePredictor, "load", classmethod(lambda cls, d: loaded.append(d) or real(cls, d)))
+    monkeypatch.setattr(state, "load_predictor", lambda d: loaded.append(d) or fx.FakePredictor.load(d))
     for i in range(state.PREDICTORS + 2):
         fx.make_fake_run(tmp_path, f"r{i}")
         assert isinstance(state.predictor_for(str(tmp_path / f"r{i}"), 0), state.SharedPredictor)
