@@ -24,7 +24,7 @@ ADDRESS ?= 127.0.0.1
 app: $(STAMP)
 	$(BIN)/python -m streamlit run app/main.py --server.address $(ADDRESS)
 
-# Rebuild the demo run shipped in assets/ (synthetic data, cpu profile).
+# Rebuild the demo run shipped in assets/ (synthetic data, frozen profile).
 demo: $(STAMP)
 	$(BIN)/cmg demo --out assets/demo_run
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .detector import CalibratedDetector
+from .calibration import CalibratedDetector
 from .errors import ConfigError, DataError
 from .scoring import l2_normalize
 

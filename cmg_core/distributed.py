@@ -1,4 +1,4 @@
-"""Multi-process (torchrun) helpers for the `paper` profile; every function is a no-op in a single process.
+"""Multi-process (torchrun) helpers for the `end2end` profile; every function is a no-op in a single process.
 
 Launch::
 
@@ -7,11 +7,12 @@ Launch::
 `init_distributed()` reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK) and joins the
 process group: backend ``nccl`` when CUDA is available, else ``gloo`` (CPU; used by the tests). Rank 0 is
 the only process that writes files (run folder, checkpoints, logs); the others train and take part in the
-collectives. The paper profile (cmg_core.paper) shards its training images with a DistributedSampler and
-wraps its models in DistributedDataParallel; see its module docstring.
+collectives. The end2end profile (cmg_core.train.end2end) shards its training images with a DistributedSampler
+and wraps its encoders in DistributedDataParallel (cmg_core.train.devices).
 
-The `cpu` profile (pipeline.Pipeline) is single-process: it trains small heads on cached features, which
-gains nothing from several GPUs. Under torchrun, run it on rank 0 only with :func:`run_on_main`.
+The `frozen` profile (cmg_core.train.frozen) is single-process: it trains small heads on cached features, which
+gains nothing from several GPUs; `cmg_core.train.run.Training` joins no process group for it. :func:`run_on_main` runs
+a function on rank 0 only under torchrun.
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def all_gather_rows(x: torch.Tensor, keep_grad: bool = False) -> tuple[torch.Ten
     `x` itself, so gradients flow into the local rows only: a loss computed identically on every rank over
     the gathered rows, back-propagated on each rank, gives each rank the exact gradient of the global loss
     with respect to its own rows; DDP's gradient averaging then needs the loss multiplied by world_size
-    (see cmg_core.paper).
+    (`contrast_scale` of cmg_core.train.objective).
     """
     if not is_distributed():
         return x, 0
@@ -175,7 +176,7 @@ def all_gather_rows(x: torch.Tensor, keep_grad: bool = False) -> tuple[torch.Ten
 
 
 def run_on_main(fn: Callable[..., T], *args, **kwargs) -> T:
-    """Run `fn` on rank 0 only (e.g. the single-process cpu profile under torchrun); the other ranks wait
+    """Run `fn` on rank 0 only (e.g. single-process work under torchrun); the other ranks wait
     and receive its (picklable) result. Without a process group it simply calls `fn`."""
     if not is_distributed():
         return fn(*args, **kwargs)

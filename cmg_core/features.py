@@ -1,6 +1,6 @@
-"""Images -> tensors, masked variants and augmented views -> frozen-trunk features (cpu profile).
+"""Images -> tensors, masked variants and augmented views -> frozen-trunk features (frozen profile).
 
-The `cpu` profile never back-propagates through the trunk, so the trunk's features of every image and of
+The `frozen` profile never back-propagates through the trunk, so the trunk's features of every image and of
 every masked variant are computed once per (dataset, image size, backbone, mask setting) and cached on disk
 (`$CMG_CACHE_DIR/features/<key>.npz`), shared by every task, method and run that uses them.
 """

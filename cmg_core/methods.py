@@ -157,9 +157,3 @@ def split_key(key: str) -> tuple[str, str]:
     """'cmg@knn' -> ('cmg', 'knn'); 'cmg' -> ('cmg', 'mahalanobis'); 'bliss' -> ('bliss', 'bliss')."""
     method, _, scorer = str(key).partition("@")
     return method, scorer or primary_scorer(method)
-
-
-def key_label(key: str, default_reading: str = "lle") -> str:
-    """Table name of a scored key: the method's label, with '@<scorer>' unless Mahalanobis: 'cmg[lle]@knn'."""
-    method, scorer = split_key(key)
-    return scored_key(method_label(method, default_reading), scorer)

@@ -1,6 +1,6 @@
 """Trainable networks: E1's image head and text projection, RID, and E2 (head or full ResNet).
 
-In the `cpu` profile every network takes frozen-trunk features (B, F); in the `paper` profile E2 owns a
+In the `frozen` profile every network takes frozen-trunk features (B, F); in the `end2end` profile E2 owns a
 ResNet trunk that is trained end to end (see `E2Encoder`).
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class RID(nn.Module):
 
 
 class E2Head(nn.Module):
-    """E2 on trunk features (cpu profile): feature h = MLP(F -> hidden -> hidden), projection z = FC(h).
+    """E2 on trunk features (frozen profile): feature h = MLP(F -> hidden -> hidden), projection z = FC(h).
 
     `h` is what the detector scores and what CMLE's L_global shapes; `z` feeds NT-Xent (SimCLR).
     `text_dim` adds a linear map h -> text space for the MSE-distillation ablation (cmg-mse).
@@ -90,7 +90,7 @@ class E2Head(nn.Module):
 
 
 class E2Encoder(nn.Module):
-    """E2 trained end to end (paper profile): ResNet trunk -> h (pooled, F) -> projection MLP -> z."""
+    """E2 trained end to end (end2end profile): ResNet trunk -> h (pooled, F) -> projection MLP -> z."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_dim: int = 128, text_dim: int | None = None,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):

@@ -1,18 +1,16 @@
-"""Anomaly scores from features: SSD-style (cluster-)Mahalanobis distance (paper Eq. 14).
+"""The numerics of SSD-style (cluster-)Mahalanobis scores (paper Eq. 14): Gaussians, their precisions, distances.
 
-numpy in / numpy out.  Follows SSD (Sehwag et al., 2021): L2-normalise, z-score with the training
-mean/std, then score a test point by its smallest Mahalanobis distance to the Gaussians fitted on
-k-means clusters of the training features.  Higher score = more anomalous.
+numpy in / numpy out.  `cmg_core.detector.MahalanobisDetector` builds SSD (Sehwag et al., 2021) from them:
+L2-normalise, z-score with the training mean/std, then score a test point by its smallest Mahalanobis distance
+to the Gaussians fitted on k-means clusters of the training features.  Higher score = more anomalous.
+(tests/reference.py keeps SSD's one-shot form, `ssd_scores`, that the detector is checked against.)
 
 One departure from SSD's ``(x - mean) / (std + 1e-10)``: a (near-)constant training feature (a dead ReLU
 channel) is not divided by its ~0 std, see :func:`standardization_scale`; the detector uses the same rule.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-from sklearn.cluster import KMeans
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 
 from .errors import ConfigError, DataError
@@ -21,14 +19,11 @@ __all__ = [
     "COVARIANCES",
     "l2_normalize",
     "standardization_scale",
-    "standardize",
     "fit_gaussian",
     "mahalanobis_sq",
     "precision_factor",
     "ledoit_wolf_shrinkage_gram",
     "factored_mahalanobis_sq",
-    "cluster_min_mahalanobis",
-    "ssd_scores",
 ]
 
 COVARIANCES = ("pinv", "shrinkage", "empirical")
@@ -63,25 +58,14 @@ def standardization_scale(std: np.ndarray, rtol: float = STD_RTOL) -> np.ndarray
     scale, ``typical``, rather than 1 (L2-normalised features have stds of about 1/sqrt(D)).  So a dead ReLU
     channel (0 on every training image, slightly > 0 on a test image) weighs like an ordinary feature
     instead of being multiplied by 1e10; no feature is scaled up by more than ``1 / rtol`` relative to the
-    others.  If every feature is constant (``typical == 0``) every divisor is 1.  Used by both
-    :func:`standardize` and :class:`cmg_core.detector.MahalanobisDetector`.
+    others.  If every feature is constant (``typical == 0``) every divisor is 1.  Used by
+    :class:`cmg_core.detector.MahalanobisDetector`.
     """
     s = np.asarray(std, dtype=np.float64)
     typical = float(np.sqrt(np.mean(s**2))) if s.size else 0.0
     if not typical > 0:
         return np.ones_like(s)
     return np.where(s > rtol * typical, s, typical)
-
-
-def standardize(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
-    """L2-normalise ``train (N, D)`` and every array in ``others (M_i, D)``, then z-score all of them
-    with the mean/std of the normalised TRAIN set: ``(x - mean) / scale`` with
-    ``scale = standardization_scale(std)``, i.e. SSD's ``(x - mean) / std`` except that (near-)constant
-    features are divided by the features' typical std instead of ~0.  Returns a tuple ``(train, *others)``."""
-    tr = l2_normalize(train)
-    mean = tr.mean(axis=0, keepdims=True)
-    scale = standardization_scale(tr.std(axis=0, keepdims=True))
-    return tuple((a - mean) / scale for a in (tr, *(l2_normalize(o) for o in others)))
 
 
 def fit_gaussian(train: np.ndarray, covariance: str = "pinv") -> tuple[np.ndarray, np.ndarray]:
@@ -184,63 +168,3 @@ def mahalanobis_sq(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np
         raise ConfigError(f"expected x (M, D), mean (D,), precision (D, D); got {a.shape}, {mu.shape}, {p.shape}")
     d = a - mu
     return np.einsum("md,md->m", d @ p, d)  # BLAS matmul; a 3-operand einsum would loop in C without it
-
-
-def cluster_min_mahalanobis(
-    train: np.ndarray,
-    test: np.ndarray,
-    n_clusters: int = 1,
-    covariance: str = "pinv",
-    seed: int = 0,
-) -> np.ndarray:
-    """Eq. 14 / SSD: k-means (sklearn ``KMeans``, ``n_init=10``) on ``train (N, D)``, one Gaussian per
-    cluster, score of ``test (M, D)`` = min over clusters of the squared Mahalanobis distance -> ``(M,)``.
-
-    ``n_clusters=1`` fits a single Gaussian without k-means.  Clusters with fewer than 2 members are
-    dropped with a warning (a Gaussian needs 2 points).
-    """
-    tr = _as_2d(train, "train")
-    te = _as_2d(test, "test")
-    if tr.shape[1] != te.shape[1]:
-        raise DataError(f"train has D={tr.shape[1]} features but test has D={te.shape[1]}")
-    k = int(n_clusters)
-    if k < 1 or k > tr.shape[0]:
-        raise ConfigError(f"n_clusters={n_clusters} must lie in 1..N, with N={tr.shape[0]} training features")
-    if k == 1:
-        labels = np.zeros(tr.shape[0], dtype=np.int64)
-    else:
-        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(tr)
-    ids, counts = np.unique(labels, return_counts=True)
-    small = ids[counts < 2]
-    if small.size:
-        warnings.warn(
-            f"SSD: dropping {small.size} of {ids.size} k-means clusters with fewer than 2 members "
-            f"(clusters {small.tolist()})",
-            stacklevel=2,
-        )
-    kept = ids[counts >= 2]
-    if kept.size == 0:
-        raise ConfigError(f"every one of the {ids.size} clusters has fewer than 2 members; lower n_clusters={n_clusters}")
-    dists = [mahalanobis_sq(te, *fit_gaussian(tr[labels == c], covariance)) for c in kept]
-    return np.min(np.stack(dists, axis=0), axis=0)
-
-
-def ssd_scores(
-    train_feats: np.ndarray,
-    test_feats: np.ndarray,
-    n_clusters: int = 1,
-    covariance: str = "pinv",
-    seed: int = 0,
-) -> np.ndarray:
-    """Anomaly scores ``(M,)`` of ``test_feats (M, D)`` given the normal ``train_feats (N, D)``:
-    :func:`standardize`, then :func:`cluster_min_mahalanobis`.  Higher = more anomalous; always finite
-    (inputs with NaN/inf raise a DataError naming the array)."""
-    tr = _as_2d(train_feats, "train_feats")
-    te = _as_2d(test_feats, "test_feats")
-    if tr.shape[1] != te.shape[1]:
-        raise DataError(f"train_feats has D={tr.shape[1]} features but test_feats has D={te.shape[1]}")
-    tr, te = standardize(tr, te)
-    scores = cluster_min_mahalanobis(tr, te, n_clusters=n_clusters, covariance=covariance, seed=seed)
-    if not np.all(np.isfinite(scores)):
-        raise DataError(f"SSD produced {int((~np.isfinite(scores)).sum())} non-finite scores; check the features")
-    return scores

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .detector import CalibratedDetector
+from .calibration import CalibratedDetector
 from .errors import ConfigError, DataError
 
 

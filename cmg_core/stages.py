@@ -1,7 +1,8 @@
-"""Training stages on feature tensors: E1 (Eq.1), CMER labels (Eq.2), RID (Eq.3), E2 (SimCLR + CMLE/MSE).
+"""Training stages on feature tensors: E1 (Eq.1), CMER labels (Eq.2), RID (Eq.3), and E2's augmented feature
+views and features (the E2 loop on them is `cmg_core.train.frozen.HeadE2`).
 
 Each stage takes tensors, a config section and callbacks, and returns trained modules plus per-epoch
-records; the pipeline (pipeline.py) decides where tensors come from and where results are written.
+records; the pipeline (`cmg_core.train.run.Training`) decides where tensors come from and where results are written.
 """
 from __future__ import annotations
 
@@ -9,34 +10,32 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
 from .config import CMERConfig, E1Config, E2Config, ModelConfig
-from .losses import (duplicate_caption_mask, image_text_contrastive_loss, lle_reconstruction_loss, matching_score,
-                     mse_distillation_loss, nt_xent_loss, rid_accuracy, rid_loss)
+from .losses import duplicate_caption_mask, image_text_contrastive_loss, matching_score, rid_accuracy, rid_loss
 from .models import RID, E2Head, ImageHead, TextProjection
 
 EpochFn = Callable[[dict], None]  # receives one history record per epoch
 CheckpointFn = Callable[[int, dict], None]  # (epoch, state) -> persist
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = False):
+def batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = False):
     perm = torch.randperm(n, generator=gen)
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         yield perm[start : start + batch_size]
 
 
-def _snapshot(epoch: int, modules: dict, opt, gen: torch.Generator) -> dict:
+def snapshot(epoch: int, modules: dict, opt, gen: torch.Generator) -> dict:
     """Everything needed to continue training after `epoch`: weights, optimizer, both RNG states."""
     return {"epoch": epoch, **{k: m.state_dict() for k, m in modules.items()}, "optimizer": opt.state_dict(),
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
 
 
-def _restore(state: dict | None, modules: dict, opt, gen: torch.Generator) -> int:
-    """Load a `_snapshot` (if any) and return the epoch to continue from."""
+def restore(state: dict | None, modules: dict, opt, gen: torch.Generator) -> int:
+    """Load a `snapshot` (if any) and return the epoch to continue from."""
     if not state:
         return 0
     for k, m in modules.items():
@@ -79,12 +78,12 @@ def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_c
                     TextProjection(captions.shape[-1], model_cfg.text_hidden, model_cfg.embed_dim))
     params = list(model.image.parameters()) + list(model.text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = _restore(state, {"image": model.image, "text": model.text}, opt, gen)
+    start = restore(state, {"image": model.image, "text": model.text}, opt, gen)
     n, c = captions.shape[:2]
     for epoch in range(start, cfg.epochs):
         model.image.train(), model.text.train()
         total, steps = 0.0, 0
-        for idx in _batches(n, cfg.batch_size, gen, drop_last=True):
+        for idx in batches(n, cfg.batch_size, gen, drop_last=True):
             if len(idx) < 2:
                 continue
             pick = torch.randint(c, (len(idx),), generator=gen)
@@ -98,7 +97,7 @@ def train_e1(feats: torch.Tensor, captions: torch.Tensor, cfg: E1Config, model_c
             opt.step()
             total, steps = total + loss.item(), steps + 1
         if on_checkpoint:
-            on_checkpoint(epoch + 1, _snapshot(epoch + 1, {"image": model.image, "text": model.text}, opt, gen))
+            on_checkpoint(epoch + 1, snapshot(epoch + 1, {"image": model.image, "text": model.text}, opt, gen))
         if on_epoch:
             on_epoch({"stage": "e1", "method": None, "epoch": epoch + 1, "loss": total / max(steps, 1)})
     model.image.eval(), model.text.eval()
@@ -128,13 +127,13 @@ def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, va
     torch.manual_seed(seed)
     rid = RID(masked.shape[-1], tuple(cfg.rid_hidden), dropout=cfg.rid_dropout)
     opt = torch.optim.AdamW(rid.parameters(), lr=cfg.rid_lr, weight_decay=cfg.rid_weight_decay)
-    start = _restore(state, {"model": rid}, opt, gen)
+    start = restore(state, {"model": rid}, opt, gen)
     tr = torch.nonzero(~val_mask).flatten()
     va = torch.nonzero(val_mask).flatten()
     for epoch in range(start, cfg.rid_epochs):
         rid.train()
         total, steps = 0.0, 0
-        for b in _batches(len(tr), cfg.rid_batch_size, gen):
+        for b in batches(len(tr), cfg.rid_batch_size, gen):
             idx = tr[b]
             loss = rid_loss(rid(masked[idx], orig[idx]), labels[idx])
             opt.zero_grad()
@@ -149,7 +148,7 @@ def train_rid(masked: torch.Tensor, orig: torch.Tensor, labels: torch.Tensor, va
             if len(va):
                 rec["val_acc"] = rid_accuracy(rid(masked[va], orig[va]), labels[va])
         if on_checkpoint:
-            on_checkpoint(epoch + 1, _snapshot(epoch + 1, {"model": rid}, opt, gen))
+            on_checkpoint(epoch + 1, snapshot(epoch + 1, {"model": rid}, opt, gen))
         if on_epoch:
             on_epoch(rec)
         if on_model:
@@ -187,18 +186,7 @@ def rid_predict(rid: RID, masked: torch.Tensor, orig: torch.Tensor) -> torch.Ten
 
 # --- E2 ----------------------------------------------------------------------------------------------
 
-@dataclass
-class E2Objective:
-    """What E2 is trained with besides NT-Xent: CMLE weights (Eq.13) or MSE targets (Fig.7), or neither."""
-
-    lle_weights: sp.csr_matrix | None = None  # (N, N) LLE weights over the training images
-    lle_weight: float = 1.0
-    lle_normalize: bool = True  # compute L_global on L2-normalised embeddings
-    mse_targets: torch.Tensor | None = None  # (N, T) caption embeddings (mean per image)
-    mse_weight: float = 1.0
-
-
-def _feature_views(views: torch.Tensor, idx: torch.Tensor, cfg: E2Config, gen: torch.Generator):
+def feature_views(views: torch.Tensor, idx: torch.Tensor, cfg: E2Config, gen: torch.Generator):
     """Two augmented feature views per sample: two different cached image augmentations + noise + dropout."""
     v = views.shape[1]
     a = torch.randint(v, (len(idx),), generator=gen)
@@ -213,70 +201,6 @@ def _feature_views(views: torch.Tensor, idx: torch.Tensor, cfg: E2Config, gen: t
             x = x * keep / (1 - cfg.feature_dropout)
         out.append(x)
     return out
-
-
-def train_e2_head(views: torch.Tensor, clean: torch.Tensor, cfg: E2Config, model_cfg: ModelConfig,
-                  objective: E2Objective, seed: int, method: str, on_epoch: EpochFn | None = None,
-                  evaluate: Callable[[E2Head], dict] | None = None, state: dict | None = None,
-                  on_checkpoint: CheckpointFn | None = None) -> E2Head:
-    """E2 (cpu profile): NT-Xent on augmented feature views + lambda * L_global (CMLE) or MSE distillation.
-
-    views (N, V, F): trunk features of V augmented views of each (masked) training image.
-    clean (N, F): trunk features of the un-augmented (masked) image; E2's embedding h of these is what
-    L_global reconstructs. The training set is small (trunk features), so every step recomputes the
-    embeddings of all N images: the neighbours' terms are always current (exact Eq.13, no stale bank).
-    `state` resumes from a checkpoint written by `on_checkpoint` (epoch, model, optimizer, generator).
-    """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    text_dim = objective.mse_targets.shape[1] if objective.mse_targets is not None else None
-    head = E2Head(views.shape[-1], model_cfg.head_hidden, model_cfg.embed_dim, text_dim)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch = _restore(state, {"model": head}, opt, gen)
-    w_dense = None
-    if objective.lle_weights is not None:
-        w_dense = torch.from_numpy(objective.lle_weights.toarray()).float()
-    n = views.shape[0]
-    for epoch in range(start_epoch, cfg.epochs):
-        head.train()
-        sums = {"loss": 0.0, "simclr": 0.0, "global": 0.0, "mse": 0.0}
-        steps = 0
-        for idx in _batches(n, cfg.batch_size, gen, drop_last=True):
-            if len(idx) < 2:
-                continue
-            v1, v2 = _feature_views(views, idx, cfg, gen)
-            _, z1 = head(v1)
-            _, z2 = head(v2)
-            loss_simclr = nt_xent_loss(z1, z2, cfg.temperature)
-            loss = loss_simclr
-            if w_dense is not None:
-                h_all, _ = head(clean)
-                if objective.lle_normalize:
-                    h_all = F.normalize(h_all, dim=-1)
-                loss_global = lle_reconstruction_loss(h_all[idx], w_dense[idx], h_all)
-                loss = loss + objective.lle_weight * loss_global
-                sums["global"] += loss_global.item()
-            if objective.mse_targets is not None:
-                h, _ = head(clean[idx])
-                loss_mse = mse_distillation_loss(head.to_text(h), objective.mse_targets[idx])
-                loss = loss + objective.mse_weight * loss_mse
-                sums["mse"] += loss_mse.item()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sums["loss"] += loss.item()
-            sums["simclr"] += loss_simclr.item()
-            steps += 1
-        rec = {"stage": "e2", "method": method, "epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}}
-        head.eval()
-        if evaluate is not None:
-            rec.update(evaluate(head))
-        if on_checkpoint:  # checkpoint before reporting: a stop inside on_epoch loses no finished epoch
-            on_checkpoint(epoch + 1, _snapshot(epoch + 1, {"model": head}, opt, gen))
-        if on_epoch:
-            on_epoch(rec)
-    head.eval()
-    return head
 
 
 @torch.no_grad()

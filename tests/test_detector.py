@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+from sklearn.covariance import EmpiricalCovariance
 
+from cmg_core import scoring
 from cmg_core.detector import MahalanobisDetector, resolve_covariance
 from cmg_core.errors import ConfigError, DataError
-from cmg_core.scoring import cluster_min_mahalanobis, standardize
+from tests.reference import cluster_min_mahalanobis, ssd_scores, standardize
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -205,3 +207,86 @@ def fit_gaussian_of(det, train):
     from cmg_core.scoring import fit_gaussian
 
     return fit_gaussian(det._standardize(train), "shrinkage")[1]
+
+
+# ----------------------------------------------------------------------------- near-constant features
+def _relu_like(seed: int, n: int = 40, d: int = 24) -> np.ndarray:
+    """Non-negative features (post-ReLU); column 3 is a dead channel: exactly 0 on every training image."""
+    x = np.abs(np.random.default_rng(seed).normal(size=(n, d))) + 0.5
+    x[:, 3] = 0.0
+    return x
+
+
+def _probe(train: np.ndarray, eps: float = 0.05) -> np.ndarray:
+    """The training mean, the same + eps in the dead column 3, the same + eps in a normal column 0."""
+    base = train.mean(axis=0)
+    dead, live = base.copy(), base.copy()
+    dead[3] += eps
+    live[0] += eps
+    return np.stack([base, dead, live])
+
+
+def _check_not_dominant(scores: np.ndarray) -> None:
+    base, dead, live = scores
+    assert np.isfinite(scores).all()
+    # a slight activation of the dead channel must not score orders of magnitude above the same change in a
+    # normal channel (with std + 1e-10 it scored ~1e16 times higher)
+    assert dead <= 10 * live, scores
+
+
+@pytest.mark.parametrize("covariance", ["auto", "shrinkage", "pinv", "empirical"])
+def test_dead_channel_does_not_dominate_the_detector(covariance):
+    train = _relu_like(0)
+    det = MahalanobisDetector(covariance=covariance).fit(train)
+    if covariance == "auto":
+        assert det.precisions_.shape == (1, 24, 24)  # N=40 <= 2 D: Ledoit-Wolf shrinkage
+    _check_not_dominant(det.score(_probe(train)))
+    again = MahalanobisDetector.from_state_dict(det.state_dict())  # the rule survives a save/load
+    np.testing.assert_allclose(again.score(_probe(train)), det.score(_probe(train)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("covariance", ["shrinkage", "pinv"])
+def test_dead_channel_does_not_dominate_ssd_scores(covariance):
+    train = _relu_like(1)
+    _check_not_dominant(ssd_scores(train, _probe(train), covariance=covariance))
+
+
+@pytest.mark.parametrize("covariance", ["shrinkage", "pinv"])
+def test_near_constant_channel_does_not_dominate(covariance):
+    """Round-off noise (std ~1e-13 of the features' scale) is not a variance to standardise by."""
+    train = _relu_like(2)
+    train[:, 3] = 1e-12 * np.abs(np.random.default_rng(3).normal(size=len(train)))
+    det = MahalanobisDetector(covariance=covariance).fit(train)
+    _check_not_dominant(det.score(_probe(train)))
+    _check_not_dominant(ssd_scores(train, _probe(train), covariance=covariance))
+
+
+def test_standardization_scale_rule():
+    std = np.array([0.2, 0.1, 0.0, 1e-9, 0.3])
+    typical = np.sqrt(np.mean(std**2))
+    scale = scoring.standardization_scale(std)
+    np.testing.assert_array_equal(scale[[0, 1, 4]], std[[0, 1, 4]])  # ordinary features: their own std
+    np.testing.assert_allclose(scale[[2, 3]], typical)  # (near-)constant: the features' typical scale
+    assert scoring.standardization_scale(np.zeros(4)).tolist() == [1.0] * 4  # all constant: unscaled
+    # the detector and the reference standardize (tests/reference.py) share the rule
+    train = _relu_like(4)
+    det = MahalanobisDetector().fit(train)
+    np.testing.assert_allclose(det._standardize(train), standardize(train)[0], rtol=1e-12)
+    assert det._standardize(train)[:, 3].tolist() == [0.0] * len(train)
+
+
+def test_normal_data_is_standardised_as_before():
+    """No (near-)constant feature: z = (x - mean) / std of the L2-normalised train set, scores = sklearn."""
+    rng = np.random.default_rng(5)
+    train, test = rng.normal(1, 1, (200, 6)), rng.normal(1, 2, (30, 6))
+    ntr = train / np.linalg.norm(train, axis=1, keepdims=True)
+    nte = test / np.linalg.norm(test, axis=1, keepdims=True)
+    mu, sd = ntr.mean(0), ntr.std(0)
+    ztr, zte = (ntr - mu) / sd, (nte - mu) / sd
+    s_tr, s_te = standardize(train, test)
+    np.testing.assert_allclose(s_tr, ztr, rtol=1e-8, atol=1e-9)  # atol: l2_normalize's norm + 1e-10
+    np.testing.assert_allclose(s_te, zte, rtol=1e-8, atol=1e-9)
+    ref = EmpiricalCovariance().fit(ztr).mahalanobis(zte)
+    for cov in ("pinv", "empirical"):
+        np.testing.assert_allclose(MahalanobisDetector(covariance=cov).fit(train).score(test), ref, rtol=1e-6)
+        np.testing.assert_allclose(ssd_scores(train, test, covariance=cov), ref, rtol=1e-6)

@@ -15,6 +15,7 @@ from sklearn.manifold._locally_linear import barycenter_weights
 
 from cmg_core import cmle, losses, masks, metrics, scoring
 from cmg_core.errors import ConfigError, DataError
+from tests import reference
 
 RNG = np.random.default_rng(0)
 
@@ -322,7 +323,7 @@ def test_singular_covariance_and_n1_error():
     train = RNG.normal(size=(3, 10))  # N < D: singular covariance
     train[:, 1] = train[:, 0]
     for cov in ("pinv", "shrinkage", "empirical"):
-        s = scoring.cluster_min_mahalanobis(train, RNG.normal(size=(5, 10)), covariance=cov)
+        s = reference.cluster_min_mahalanobis(train, RNG.normal(size=(5, 10)), covariance=cov)
         assert np.all(np.isfinite(s))
     with pytest.raises(ConfigError, match="N=1"):
         scoring.fit_gaussian(RNG.normal(size=(1, 3)))
@@ -332,7 +333,7 @@ def test_cluster_min_equals_min_of_per_cluster_references():
     centers = np.array([[0, 0, 0], [10, 0, 0], [0, 10, 0]], dtype=float)
     train = np.concatenate([c + RNG.normal(size=(15, 3)) for c in centers])
     test = RNG.normal(size=(8, 3)) * 6
-    got = scoring.cluster_min_mahalanobis(train, test, n_clusters=3, seed=0)
+    got = reference.cluster_min_mahalanobis(train, test, n_clusters=3, seed=0)
     lab = KMeans(n_clusters=3, n_init=10, random_state=0).fit_predict(train)
     per = []
     for c in range(3):
@@ -343,12 +344,12 @@ def test_cluster_min_equals_min_of_per_cluster_references():
         per.append([float((t - mu) @ P @ (t - mu)) for t in test])
     assert np.allclose(got, np.min(per, axis=0), rtol=1e-8)
     with pytest.raises(ConfigError, match="n_clusters=50"):
-        scoring.cluster_min_mahalanobis(train, test, n_clusters=50)
+        reference.cluster_min_mahalanobis(train, test, n_clusters=50)
 
 
 def test_standardize_and_ssd_separates_outlier():
     tr, te = RNG.normal(size=(5, 3)) + 1, RNG.normal(size=(2, 3))
-    s_tr, s_te = scoring.standardize(tr, te)
+    s_tr, s_te = reference.standardize(tr, te)
     ntr = tr / (np.sqrt((tr**2).sum(1, keepdims=True)) + 1e-10)
     nte = te / (np.sqrt((te**2).sum(1, keepdims=True)) + 1e-10)
     mu, sd = ntr.mean(0), ntr.std(0)
@@ -356,12 +357,12 @@ def test_standardize_and_ssd_separates_outlier():
     direction = np.array([1.0, 1.0, 0, 0, 0, 0])
     train = direction * 5 + RNG.normal(size=(200, 6)) * 0.3
     test = np.concatenate([direction * 5 + RNG.normal(size=(20, 6)) * 0.3, [[0, 0, 0, 0, -5.0, 5.0]]])
-    s = scoring.ssd_scores(train, test, n_clusters=2)
+    s = reference.ssd_scores(train, test, n_clusters=2)
     assert np.all(np.isfinite(s)) and s[-1] > s[:-1].max()
     bad = test.copy()
     bad[0, 0] = np.nan
     with pytest.raises(DataError, match="test_feats"):
-        scoring.ssd_scores(train, bad)
+        reference.ssd_scores(train, bad)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -430,3 +431,107 @@ def test_masked_average_pool_matches_numpy_reference():
     np.testing.assert_allclose(masked_average_pool(_t(maps), ones).numpy()[:, 0], maps.mean((-2, -1)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError):
         masked_average_pool(_t(maps[0]), ones)
+
+
+# ----------------------------------------------------------------------------- Eq.1 exclude_positive
+def _ref_eq1(img, txt, tau, anchor="image", pos=None, exclude=False):
+    """numpy loops.  anchor='text' is the paper's Eq.1: caption t_i, positive image v_i, denominator over
+    the images (all of them, or with exclude=True only those that are not positives of t_i)."""
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    b = len(img)
+    P = np.eye(b, dtype=bool) if pos is None else (np.asarray(pos, dtype=bool) | np.eye(b, dtype=bool))
+    if anchor == "text":
+        img, txt, P = txt, img, P.T
+    total, count = 0.0, 0
+    for i in range(b):
+        s = [float(np.dot(img[i], txt[j])) / tau for j in range(b)]
+        denom = [j for j in range(b) if not (exclude and P[i, j])]
+        if not denom:
+            continue
+        lse = np.log(sum(np.exp(s[j]) for j in denom))
+        terms = [-(s[p] - lse) for p in range(b) if P[i, p]]
+        total += sum(terms) / len(terms)
+        count += 1
+    return total / count
+
+
+def _loss(img, txt, tau, anchor, pos=None, exclude=False, symmetric=False):
+    """The implementation in one direction: arguments swapped (and the mask transposed) anchor the caption."""
+    mask = None if pos is None else torch.tensor(pos)
+    if anchor == "text":
+        img, txt, mask = txt, img, (None if mask is None else mask.t())
+    return losses.image_text_contrastive_loss(_t(img), _t(txt), tau, symmetric=symmetric, positive_mask=mask,
+                                              exclude_positive=exclude).item()
+
+
+def test_eq1_exclude_positive_by_hand():
+    """B = 2: -log(e^{s_ii} / e^{s_ij}) = s_ij - s_ii; without exclusion -log(e^{s_ii} / (e^{s_ii} + e^{s_ij}))."""
+    img, txt = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.6, 0.8], [0.0, 1.0]])
+    s = img @ txt.T / 0.5  # already unit rows
+    want_img = np.mean([s[0, 1] - s[0, 0], s[1, 0] - s[1, 1]])  # image anchors
+    want_txt = np.mean([s[1, 0] - s[0, 0], s[0, 1] - s[1, 1]])  # caption anchors (the paper)
+    assert _loss(img, txt, 0.5, "image", exclude=True) == pytest.approx(want_img, rel=1e-12)
+    assert _loss(img, txt, 0.5, "text", exclude=True) == pytest.approx(want_txt, rel=1e-12)
+    plain = np.mean([np.log1p(np.exp(s[1, 0] - s[0, 0])), np.log1p(np.exp(s[0, 1] - s[1, 1]))])
+    assert _loss(img, txt, 0.5, "text") == pytest.approx(plain, rel=1e-12)
+
+
+@pytest.mark.parametrize("anchor", ["image", "text"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_eq1_matches_reference(anchor, exclude):
+    rng = np.random.default_rng(6)
+    img, txt = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    got = _loss(img, txt, 0.2, anchor, exclude=exclude)
+    assert got == pytest.approx(_ref_eq1(img, txt, 0.2, anchor, exclude=exclude), rel=1e-10)
+
+
+@pytest.mark.parametrize("anchor", ["image", "text"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_eq1_positive_mask_matches_reference(anchor, exclude):
+    rng = np.random.default_rng(7)
+    img, txt = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    pos = np.zeros((4, 4), dtype=bool)
+    pos[0, 2] = pos[2, 0] = True  # images 0 and 2 share a caption
+    pos[1, 3] = True  # an asymmetric extra positive
+    got = _loss(img, txt, 0.1, anchor, pos=pos, exclude=exclude)
+    assert got == pytest.approx(_ref_eq1(img, txt, 0.1, anchor, pos=pos, exclude=exclude), rel=1e-10)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_eq1_symmetric_is_the_mean_of_both_directions(masked):
+    rng = np.random.default_rng(8)
+    img, txt = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    pos = None
+    if masked:
+        pos = np.zeros((4, 4), dtype=bool)
+        pos[0, 2] = pos[2, 0] = pos[1, 3] = True
+    for exclude in (False, True):
+        want = 0.5 * (_ref_eq1(img, txt, 0.3, "image", pos, exclude) + _ref_eq1(img, txt, 0.3, "text", pos, exclude))
+        got = _loss(img, txt, 0.3, "image", pos=pos, exclude=exclude, symmetric=True)
+        assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_eq1_exclude_positive_default_and_gradient():
+    rng = np.random.default_rng(9)
+    img = _t(rng.normal(size=(4, 3))).requires_grad_(True)
+    txt = _t(rng.normal(size=(4, 3)))
+    default = losses.image_text_contrastive_loss(img, txt, 0.1)
+    assert default.item() == losses.image_text_contrastive_loss(img, txt, 0.1, exclude_positive=False).item()
+    loss = losses.image_text_contrastive_loss(img, txt, 0.1, exclude_positive=True)
+    assert loss.item() != pytest.approx(default.item())
+    loss.backward()
+    assert torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
+
+
+def test_eq1_exclude_positive_without_negatives_is_a_zero_with_a_graph():
+    """Every caption identical (all positives): no negatives left in any denominator."""
+    img = _t(np.random.default_rng(10).normal(size=(3, 2))).requires_grad_(True)
+    txt = _t(np.ones((3, 2)))
+    mask = losses.duplicate_caption_mask(txt)
+    loss = losses.image_text_contrastive_loss(img, txt, 0.1, symmetric=True, positive_mask=mask,
+                                              exclude_positive=True)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    single = losses.image_text_contrastive_loss(img[:1], txt[:1], 0.1, exclude_positive=True)  # B = 1
+    assert single.item() == 0.0

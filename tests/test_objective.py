@@ -57,7 +57,7 @@ def test_parse_method_and_labels():
 
 
 def test_raw_method_and_scored_keys():
-    from cmg_core.methods import key_label, scored_key, split_key
+    from cmg_core.methods import scored_key, split_key
 
     raw = parse_method("raw")
     assert not raw.trained and not (raw.er or raw.le or raw.mse) and raw.label == "raw"
@@ -66,7 +66,6 @@ def test_raw_method_and_scored_keys():
         parse_method("raw[lle]")
     assert scored_key("cmg") == "cmg" and scored_key("cmg", "knn") == "cmg@knn"
     assert split_key("cmg[supcon]@knn") == ("cmg[supcon]", "knn") and split_key("ssd+er") == ("ssd+er", "mahalanobis")
-    assert key_label("cmg@knn") == "cmg[lle]@knn" and key_label("cmg", "supcon") == "cmg[supcon]"
 
 
 def test_config_validates_methods_and_cmle_loss():

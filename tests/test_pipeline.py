@@ -18,7 +18,7 @@ SMALL = ["data.options={n_per_class: 40, classes: 5}", "task.normal_classes=[cir
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    """Default settings: the cpu profile masks in feature space (cmer.apply: auto -> feature)."""
+    """Default settings: the frozen profile masks in feature space (cmer.apply: auto -> feature)."""
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("configs/synthetic.yaml", [f"out_dir={out}", "name=small", *SMALL])
     return Run.open(train_run(cfg))

@@ -174,8 +174,8 @@ def test_method_epochs_and_caption_items(tmp_path, monkeypatch):
     from cmg_core.train import frozen
 
     seen = []
-    real = frozen._batches
-    monkeypatch.setattr(frozen, "_batches", lambda n, *a, **k: seen.append(n) or real(n, *a, **k))
+    real = frozen.batches
+    monkeypatch.setattr(frozen, "batches", lambda n, *a, **k: seen.append(n) or real(n, *a, **k))
     cfg = load_config("configs/synthetic.yaml", [
         "data.options={n_per_class: 12, classes: 4}", "task.normal_classes=[circle, square]", "e1.epochs=2",
         "cmer.rid_epochs=2", "e2.epochs=2", "e2.n_views=2", "model.head_hidden=32", "train.methods=[ssd, ssd+er]",

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from .packfile import PSEUDO_PATH_SEP, packed_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MAX_PIXELS = 64_000_000  # refuse decompression bombs; 8000 x 8000
@@ -42,9 +43,7 @@ def open_image(source, name: str | None = None) -> Image.Image:
     label = name or str(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file() and "#" in path.name:  # an image of a packed file: <file>#<row>
-            from .packed import packed_image
-
+        if not path.is_file() and PSEUDO_PATH_SEP in path.name:  # an image of a packed file: <file>#<row>
             return packed_image(path)
         if not path.is_file():
             raise DataError(f"image file {path} does not exist")

@@ -28,13 +28,11 @@ Strings are stored without pickling as ``<name>_utf8`` (uint8, all strings UTF-8
 ``<name>_offsets`` (int64, length+1): string i is ``utf8[offsets[i]:offsets[i+1]]``.
 
 A packed dataset has no image files. Its items' ``path`` is the pseudo path ``Path(f"{file}#{i}")`` (i = row),
-which keeps image ids and paths unique but is never opened: use ``dataset.image_array(rows, size)`` or
+which keeps image ids and paths unique but is no file: use ``dataset.image_array(rows, size)`` or
 ``dataset.load_image(i, size)`` for pixels and ``dataset.caption_embeddings_for(rows, model)`` for caption
-embeddings.
+embeddings (``data.images.open_image`` of a pseudo path reads its row, through cmg_core.data.packfile).
 """
 from __future__ import annotations
-
-import functools
 
 import json
 import os
@@ -46,12 +44,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..utils import atomic_path, check_archive
+from ..utils import atomic_path
+from .packfile import open_packed, pseudo_path
 from .types import CaptionedDataset, CaptionedImage
 
 FORMAT = "cmg-packed"
 FORMAT_VERSION = 1
-PSEUDO_PATH_SEP = "#"
 
 Progress = Callable[[str, int, int], None]
 
@@ -67,33 +65,6 @@ def _encode_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 def _decode_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
     raw = data.tobytes()
     return [raw[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
-
-
-@functools.lru_cache(maxsize=2)
-def _packed_images(file: str, mtime: float) -> np.ndarray:
-    with _open(Path(file)) as z:
-        if "images" not in z.files:
-            raise DataError(f"packed dataset file {file} holds no images; the file is damaged, repack it")
-        return z["images"]
-
-
-def packed_image(pseudo: str | Path) -> "Image.Image":
-    """The RGB image behind a pseudo path `<file>#<row>` of a packed dataset (the app shows runs trained from a
-    packed file with it)."""
-    from PIL import Image
-
-    file, _, row = str(pseudo).rpartition("#")
-    if not row.isdigit() or not Path(file).is_file():
-        raise DataError(f"image {pseudo} does not exist (not a file, nor <packed file>#<row> of an existing file)")
-    images = _packed_images(file, Path(file).stat().st_mtime)
-    if not 0 <= int(row) < len(images):
-        raise DataError(f"image {pseudo}: row {row} is outside the packed file's {len(images)} images")
-    return Image.fromarray(images[int(row)])
-
-
-def pseudo_path(file: str | Path, row: int) -> Path:
-    """The `path` of row `row` of a packed dataset: ``<file>#<row>`` (not a real file)."""
-    return Path(f"{file}{PSEUDO_PATH_SEP}{row}")
 
 
 def _jsonable(value):
@@ -263,22 +234,8 @@ _REQUIRED = ("images", "labels", "caption_index", "class_names_utf8", "class_nam
 
 def read_packed_meta(file: str | Path) -> dict:
     """The metadata of a packed file (cheap: reads only ``meta_json``)."""
-    with _open(Path(file)) as z:
+    with open_packed(Path(file)) as z:
         return _meta(z, Path(file))
-
-
-def _open(file: Path):
-    if not file.exists():
-        raise DataError(f"packed dataset file {file} does not exist; expected a file written by `cmg data pack`")
-    if not file.is_file():
-        raise DataError(f"packed dataset {file} is not a file; expected a file written by `cmg data pack`")
-    try:
-        z = np.load(file, allow_pickle=False)  # reads the archive's directory only
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{file} is not a packed dataset file (could not be read as .npz: {exc}); expected a "
-                        "file written by `cmg data pack`") from exc
-    check_archive(file)  # before any member is inflated
-    return z
 
 
 def _meta(z, file: Path) -> dict:
@@ -305,7 +262,7 @@ def load_packed(root: Path, **options) -> CaptionedDataset:
         raise DataError(f"packed dataset: unknown option(s) {sorted(options)}; the packed loader takes none "
                         "(with a config written for the source dataset, also set data.options={})")
     file = Path(root).expanduser()
-    with _open(file) as z:
+    with open_packed(file) as z:
         meta = _meta(z, file)
         missing = [k for k in _REQUIRED if k not in z.files]
         missing += [m["key"] for m in meta.get("text_models", []) if m.get("key") not in z.files]

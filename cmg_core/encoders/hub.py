@@ -39,7 +39,7 @@ from torch import nn
 from ..config import check_trunk
 from ..errors import ConfigError
 from .clip import _pair
-from .image import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
+from .spec import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 
 POOLS = ("native", "maps")
 

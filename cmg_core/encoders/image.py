@@ -12,26 +12,15 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .spec import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "cnn")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    feature_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    pretrained: bool
 
 
 def efficientnet_lite0_weights_path() -> str:
@@ -122,7 +111,7 @@ def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, ci
 
     `<family>:<name>` trunks (`.hub`): `weights` a local weights file, `pool` native | maps."""
     if ":" in name:
-        from .hub import build_hub_backbone  # imports this module
+        from .hub import build_hub_backbone
 
         return build_hub_backbone(name, pretrained, weights, pool)
     if name == "efficientnet_lite0":

@@ -23,7 +23,7 @@ from ..features import (Trunk, augmented_view_features, cached_mask_features, ca
                         stored_trunk_features, trunk_feature_spec)
 from ..models import E2Head, ImageHead, TextProjection
 from ..runs import method_slug, write_npy
-from ..stages import E1Model, _batches, _feature_views, _restore, _snapshot, e2_features, train_e1
+from ..stages import E1Model, batches, feature_views, restore, snapshot, e2_features, train_e1
 from ..utils import resolve_trunk_precision
 from ..methods import MethodSpec
 from .nets import bn_train_copy
@@ -173,15 +173,15 @@ class HeadE2:
         mix_gen = torch.Generator().manual_seed(ctx.stage_seed(5) + 1)  # cmda: partners and their views
         head = self.build(g.head_dim or None)
         opt = make_optimizer(head.parameters(), e2)
-        start = _restore(state, {"model": head}, opt, gen)
+        start = restore(state, {"model": head}, opt, gen)
         for epoch in range(start, e2.epochs):
             head.train()
             sums, steps = {}, 0
-            for item in _batches(n * self.items_per_image, e2.batch_size, gen, drop_last=True):
+            for item in batches(n * self.items_per_image, e2.batch_size, gen, drop_last=True):
                 idx = item % n  # protocol.train_items: captions -> one item per caption
                 if len(idx) < 2:
                     continue
-                v1, v2 = _feature_views(views, idx, e2, gen)  # the same draws for every method
+                v1, v2 = feature_views(views, idx, e2, gen)  # the same draws for every method
                 if g.mix_partners is not None:  # cmda: each view mixed with a view of a caption-matched partner
                     v1, v2 = (mix_views(v, views, idx, g, e2, mix_gen) for v in (v1, v2))
                 h1, z1 = head(v1)
@@ -210,7 +210,7 @@ class HeadE2:
             head.eval()
             if evaluate is not None:
                 rec.update(evaluate(head, epoch + 1))
-            save(epoch + 1, _snapshot(epoch + 1, {"model": head}, opt, gen))  # before reporting: no epoch lost
+            save(epoch + 1, snapshot(epoch + 1, {"model": head}, opt, gen))  # before reporting: no epoch lost
             io.epoch_cb(e2.epochs, "E2")(rec)
         head.eval()
         return head
@@ -230,4 +230,4 @@ def mix_views(v: torch.Tensor, views: torch.Tensor, idx: torch.Tensor, g: Guidan
     from ..cmda import draw_partners, mix
 
     partner, w = draw_partners(g.mix_partners, g.mix_weights, idx, gen)
-    return mix(v, _feature_views(views, partner, e2, gen)[0], w)
+    return mix(v, feature_views(views, partner, e2, gen)[0], w)
