@@ -211,7 +211,7 @@ class KNNDetector(CalibratedDetector):
         return det
 
 
-SCORERS = {"mahalanobis": MahalanobisDetector, "knn": KNNDetector}
+DETECTORS = {"mahalanobis": MahalanobisDetector, "knn": KNNDetector}  # the classes of methods.SCORERS
 
 
 def make_detector(scorer: str, cfg, seed: int = 0) -> CalibratedDetector:
@@ -221,12 +221,12 @@ def make_detector(scorer: str, cfg, seed: int = 0) -> CalibratedDetector:
                                    calibration_folds=cfg.calibration_folds)
     if scorer == "knn":
         return KNNDetector(cfg.knn_k, seed=seed, fpr=cfg.fpr, calibration_folds=cfg.calibration_folds)
-    raise ConfigError(f"detector.scorers: unknown scorer {scorer!r}; expected one of {list(SCORERS)}")
+    raise ConfigError(f"detector.scorers: unknown scorer {scorer!r}; expected one of {list(DETECTORS)}")
 
 
 def detector_from_state(scorer: str, state: dict) -> CalibratedDetector:
     """A saved detector of any scorer: mahalanobis, knn, or a method's own (bliss, she)."""
-    known = {**SCORERS, "bliss": BLISSDetector, "she": SHEDetector}
+    known = {**DETECTORS, "bliss": BLISSDetector, "she": SHEDetector}
     if scorer not in known:
         raise DataError(f"unknown scorer {scorer!r} in a saved model; this version knows {list(known)}")
     return known[scorer].from_state_dict(state)
