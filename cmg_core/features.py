@@ -237,6 +237,22 @@ def stored_trunk_features(dataset, spec: dict) -> tuple[np.ndarray, np.ndarray] 
     return hit[0].astype(np.float32), hit[1].astype(np.float32)
 
 
+def _trunk_pass(dataset, size: int, tsize: int, batch_size: int, progress: ProgressFn | None,
+                features: Callable[[torch.Tensor], tuple]) -> list[np.ndarray]:
+    """`features` ((B, 3, T, T) float images -> a tuple of (B, ...) tensors) over every image of `dataset`, read in
+    batches at `size` and resized to `tsize`; each output concatenated over the dataset."""
+    parts, n = None, len(dataset)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        out = features(to_trunk_size(to_float(load_images(dataset, rows, size)), tsize))
+        parts = [[] for _ in out] if parts is None else parts
+        for part, o in zip(parts, out):
+            part.append(o.numpy())
+        if progress:
+            progress("trunk features", min(start + batch_size, n), n)
+    return [np.concatenate(p) for p in parts]
+
+
 def cached_mask_features(dataset, trunk: Trunk, size: int, n_regions: int, mode: str,
                          soft_value: float, batch_size: int = 32, progress: ProgressFn | None = None,
                          use_cache: bool = True, apply: str = "pixel",
@@ -261,18 +277,9 @@ def cached_mask_features(dataset, trunk: Trunk, size: int, n_regions: int, mode:
     if use_cache and path.is_file():
         with np.load(path) as z:
             return z["orig"], z["masked"]
-    orig_parts, masked_parts = [], []
-    n = len(dataset)
     masks = grid_masks(tsize, tsize, n_regions, mode=mode, soft_value=soft_value)
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        imgs = to_trunk_size(to_float(load_images(dataset, rows, size)), tsize)
-        orig, masked = trunk.masked_features(imgs, masks, apply)
-        orig_parts.append(orig.numpy())
-        masked_parts.append(masked.numpy())
-        if progress:
-            progress("trunk features", min(start + batch_size, n), n)
-    orig, masked = np.concatenate(orig_parts), np.concatenate(masked_parts)
+    orig, masked = _trunk_pass(dataset, size, tsize, batch_size, progress,
+                               lambda imgs: trunk.masked_features(imgs, masks, apply))
     if use_cache:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
@@ -290,13 +297,7 @@ def cached_trunk_features(dataset, trunk: Trunk, size: int, batch_size: int = 32
     path = cache_dir("features") / f"{feature_cache_key(**parts)}.npy"
     if use_cache and path.is_file():
         return np.load(path)
-    out, n = [], len(dataset)
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        out.append(trunk(to_trunk_size(to_float(load_images(dataset, rows, size)), tsize)).numpy())
-        if progress:
-            progress("trunk features", min(start + batch_size, n), n)
-    orig = np.concatenate(out)
+    (orig,) = _trunk_pass(dataset, size, tsize, batch_size, progress, lambda imgs: (trunk(imgs),))
     if use_cache:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
