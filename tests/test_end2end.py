@@ -31,12 +31,20 @@ class _Stop(Exception):
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
+def e2e_cache(tmp_path_factory):
+    """CMG_CACHE_DIR of this module's runs (text embeddings, frozen-trunk features): they all train on the same tiny
+    data set, so each caption and trunk feature is computed once, as a user's cache would, not once per test (each
+    test loading the text model). Kept apart from the session's cache of the other modules."""
+    return tmp_path_factory.mktemp("e2e_cache")
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, e2e_cache):
     """A run interrupted after E1's first epoch, run again and interrupted after E2 (ssd)'s first epoch,
     then run a third time to the end."""
     out = tmp_path_factory.mktemp("paper_runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CMG_CACHE_DIR", str(out / "cache"))
+        mp.setenv("CMG_CACHE_DIR", str(e2e_cache))
         cfg = load_config("configs/synthetic_end2end.yaml", [f"out_dir={out}", "name=tiny", *TINY, *E2E_E1])
         run_dir = out / "tiny"
         second = []
@@ -140,11 +148,11 @@ def test_other_config_in_the_same_folder_is_refused(resumed):
 
 
 @pytest.fixture(scope="module")
-def frozen_e1_run(tmp_path_factory):
+def frozen_e1_run(tmp_path_factory, e2e_cache):
     """The default end2end setup: E1 a head on the frozen trunk (feature masks), E2 trained on the images."""
     out = tmp_path_factory.mktemp("e2e_frozen_e1")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CMG_CACHE_DIR", str(out / "cache"))
+        mp.setenv("CMG_CACHE_DIR", str(e2e_cache))
         cfg = load_config("configs/synthetic_end2end.yaml",
                           [f"out_dir={out}", "name=f", *TINY, "model.trunk_image_size=64",
                            "train.methods=[raw, ssd+er, cmg[supcon]]", "e2.epochs=1", "train.eval_every_epoch=false"])
@@ -183,7 +191,7 @@ def test_scored_features_are_fp32_under_autocast(tmp_path, monkeypatch):
     assert np.allclose([r["scores"]["ssd+er"] for r in res], stored, rtol=1e-4, atol=1e-4)
 
 
-def test_every_method_sees_the_same_batches_and_views(tmp_path, monkeypatch):
+def test_every_method_sees_the_same_batches_and_views(tmp_path, monkeypatch, e2e_cache):
     """NT-Xent's batches, negatives and views do not depend on the method: L_global adds clean images to the
     forward pass but changes neither which images form a batch nor how often an image is drawn."""
     import cmg_core.train.end2end as e2e
@@ -202,11 +210,11 @@ def test_every_method_sees_the_same_batches_and_views(tmp_path, monkeypatch):
 
     monkeypatch.setattr(e2e, "e2_step_loss", spy_loss)
     monkeypatch.setattr(e2e, "_augment", spy_aug)
-    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CMG_CACHE_DIR", str(e2e_cache))
     cfg = load_config("configs/synthetic_end2end.yaml",
                       [f"out_dir={tmp_path}", "name=b", *TINY, "model.trunk_image_size=64", "e2.batch_size=6",
                        "train.methods=[ssd, ssd+le[lle], ssd+le[supcon]]", "train.eval_every_epoch=false",
-                       "cmer.rid_epochs=1", "e1.epochs=1"])
+                       "cmer.rid_epochs=1", "e1.epochs=1", "model.backbone=cnn", "model.width=4"])  # any backbone
     train_run(cfg)
     k = len(seen) // 3
     assert k >= 4 and len(seen) == 3 * k
@@ -219,7 +227,7 @@ def test_every_method_sees_the_same_batches_and_views(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("on", ["clean", "views"])
-def test_guidance_on_clean_or_views(tmp_path, monkeypatch, on):
+def test_guidance_on_clean_or_views(tmp_path, monkeypatch, on, e2e_cache):
     """e2.guidance_on: clean adds the b un-augmented images to each forward and refills the bank every epoch;
     views forwards only the two views (2b images) and fills the bank once; both train L_global and cmg-mse."""
     import cmg_core.train.end2end as e2e
@@ -245,7 +253,7 @@ def test_guidance_on_clean_or_views(tmp_path, monkeypatch, on):
     monkeypatch.setattr(E2Train, "forward", spy_fwd)
     monkeypatch.setattr(e2e.End2EndE2, "_fill_bank", spy_fill)
     monkeypatch.setattr(e2e, "e2_step_loss", spy_loss)
-    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CMG_CACHE_DIR", str(e2e_cache))
     cfg = load_config("configs/synthetic_end2end.yaml",
                       [f"out_dir={tmp_path}", "name=g", *TINY, "model.trunk_image_size=64", "model.backbone=cnn",
                        "model.width=4", "e2.batch_size=8", "e2.epochs=3", f"e2.guidance_on={on}",
@@ -259,7 +267,7 @@ def test_guidance_on_clean_or_views(tmp_path, monkeypatch, on):
     assert all(p["global"] > 0 or p["mse"] > 0 for _, _, p in parts)
 
 
-def test_views_guidance_in_the_frozen_profile(tmp_path, monkeypatch):
+def test_views_guidance_in_the_frozen_profile(tmp_path, monkeypatch, e2e_cache):
     """The frozen profile reads e2.guidance_on too: with views, L_global and cmg-mse act on both views."""
     import cmg_core.train.frozen as fz
 
@@ -271,11 +279,11 @@ def test_views_guidance_in_the_frozen_profile(tmp_path, monkeypatch):
         return real_loss(g, ids, z1, z2, t, **k)
 
     monkeypatch.setattr(fz, "e2_step_loss", spy_loss)
-    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CMG_CACHE_DIR", str(e2e_cache))
     cfg = load_config("configs/synthetic_end2end.yaml",
                       [f"out_dir={tmp_path}", "name=f", *TINY, "model.profile=frozen", "model.trunk_image_size=64",
                        "e2.guidance_on=views", "e2.epochs=1", "train.methods=[ssd+le[lle], cmg-mse]",
-                       "train.eval_every_epoch=false"])
+                       "train.eval_every_epoch=false", "cmer.rid_epochs=1", "e1.epochs=1"])
     train_run(cfg)
     assert seen and all(h == n == 2 * b for b, h, n in seen)
 

@@ -13,7 +13,7 @@ from cmg_core.train import train_run
 from cmg_core.runs import RUN_FILES, Run
 
 SMALL = ["data.options={n_per_class: 40, classes: 5}", "task.normal_classes=[circle, square, triangle]",
-         "e1.epochs=25", "cmer.rid_epochs=30", "e2.epochs=3", "e2.n_views=2", "model.head_hidden=128"]
+         "e1.epochs=25", "cmer.rid_epochs=30", "e2.epochs=3", "e2.n_views=1", "model.head_hidden=128"]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,9 @@ def test_explain_and_cli(small_run, capsys, tmp_path):
 
 
 def test_resume_after_interruption(tmp_path):
-    overrides = [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd, cmg]"]
+    # E1 and RID are only resumed from their saved models here (2 epochs each suffice); one cached view per image
+    overrides = [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd, cmg]", "e1.epochs=2",
+                 "cmer.rid_epochs=2", "e2.n_views=1"]
     cfg = load_config("configs/synthetic.yaml", overrides)
 
     class Stop(Exception):
@@ -141,9 +143,14 @@ def test_too_many_gmm_clusters(tmp_path):
         train_run(cfg)
 
 
-@pytest.mark.parametrize("stage, stop_at, total", [("E1", 3, 25), ("RID", 4, 30)])
+@pytest.mark.parametrize("stage, stop_at, total", [("E1", 3, 5), ("RID", 4, 6)])
 def test_e1_and_rid_resume_from_epoch_checkpoints(tmp_path, stage, stop_at, total):
-    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd+er]"])
+    """The stage under test runs `total` epochs and is interrupted after `stop_at`; the other stage and E2 are
+    as short as they go (what is checked is only the interrupted stage's epochs)."""
+    epochs = {"E1": "e1.epochs", "RID": "cmer.rid_epochs"}[stage]
+    cfg = load_config("configs/synthetic.yaml", [f"out_dir={tmp_path}", "name=r", *SMALL, "train.methods=[ssd+er]",
+                                                 "e1.epochs=2", "cmer.rid_epochs=2", f"{epochs}={total}",
+                                                 "e2.epochs=1", "e2.n_views=1"])
 
     class Stop(Exception):
         pass
