@@ -83,3 +83,14 @@ def ssd_scores(
     if not np.all(np.isfinite(scores)):
         raise DataError(f"SSD produced {int((~np.isfinite(scores)).sum())} non-finite scores; check the features")
     return scores
+
+
+def distance_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Szekely's (biased) distance correlation of ``x (N, P)`` and ``y (N, Q)`` from double-centred Euclidean
+    distance matrices: dCov^2(x, y) / sqrt(dVar^2(x) dVar^2(y)), then the square root."""
+    def centred(z):
+        d = np.sqrt(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1))
+        return d - d.mean(0, keepdims=True) - d.mean(1, keepdims=True) + d.mean()
+
+    a, b = centred(np.asarray(x, float)), centred(np.asarray(y, float))
+    return float(np.sqrt((a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean())))
