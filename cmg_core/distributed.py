@@ -11,20 +11,17 @@ collectives. The end2end profile (cmg_core.train.end2end) shards its training im
 and wraps its encoders in DistributedDataParallel (cmg_core.train.devices).
 
 The `frozen` profile (cmg_core.train.frozen) is single-process: it trains small heads on cached features, which
-gains nothing from several GPUs; `cmg_core.train.run.Training` joins no process group for it. :func:`run_on_main` runs
-a function on rank 0 only under torchrun.
+gains nothing from several GPUs; `cmg_core.train.run.Training` joins no process group for it.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -173,22 +170,3 @@ def all_gather_rows(x: torch.Tensor, keep_grad: bool = False) -> tuple[torch.Ten
     if keep_grad:
         pieces[rank] = x
     return torch.cat(pieces), sum(sizes[:rank])
-
-
-def run_on_main(fn: Callable[..., T], *args, **kwargs) -> T:
-    """Run `fn` on rank 0 only (e.g. single-process work under torchrun); the other ranks wait
-    and receive its (picklable) result. Without a process group it simply calls `fn`."""
-    if not is_distributed():
-        return fn(*args, **kwargs)
-    result, error = None, None
-    if is_main():
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as exc:  # tell the other ranks, then re-raise here
-            error = f"{exc.__class__.__name__}: {exc}"
-            broadcast_object((None, error))
-            raise
-    result, error = broadcast_object((result, error))
-    if error is not None:
-        raise RuntimeError(f"rank 0 failed: {error}")
-    return result

@@ -124,11 +124,15 @@ class Predictor:
 
     language = None  # the run's LanguageExplainer (cmg_core.language), when it has one
 
+    def _trunk_size(self, x: torch.Tensor) -> int:
+        """The frozen trunk's input size for (B, 3, S, S) images: the run's model.trunk_image_size, else S."""
+        return self.cfg.model.trunk_image_size or x.shape[-1]
+
     def _rid_inputs(self, x: torch.Tensor, variants: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) images and (B, M, 3, S, S) variants -> RID inputs (orig (B, F), masked (B, M, F)),
         computed as the run computed its training features."""
         if self.trunk is not None:
-            size = self.cfg.model.trunk_image_size or x.shape[-1]
+            size = self._trunk_size(x)
             masks = grid_masks(size, size, self.n_regions, self.mask, self.soft_value)
             return self.trunk.masked_features(to_trunk_size(x, size), masks, self.apply)
         b, m = variants.shape[:2]
@@ -153,7 +157,7 @@ class Predictor:
     def _unmasked_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, F) features of the unmasked images (a run without RID: one trunk pass)."""
         if self.trunk is not None:
-            return self.trunk(to_trunk_size(x, self.cfg.model.trunk_image_size or x.shape[-1]))
+            return self.trunk(to_trunk_size(x, self._trunk_size(x)))
         return self.e1_image.features(x.to(self.device)).float().cpu()
 
     @torch.no_grad()
