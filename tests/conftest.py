@@ -1,5 +1,6 @@
 """Test-wide setup: offline hub, a fresh cache folder per session, real-data location."""
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,15 @@ def pytest_configure(config):
     if os.environ.get("CMG_TEST_NUMBA_JIT") != "1":
         os.environ["NUMBA_DISABLE_JIT"] = "1"
     if "CMG_TEST_KEEP_CACHE" not in os.environ:
-        os.environ["CMG_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmg-test-cache-")
+        config._cmg_test_cache = tempfile.mkdtemp(prefix="cmg-test-cache-")
+        os.environ["CMG_CACHE_DIR"] = config._cmg_test_cache
+
+
+def pytest_unconfigure(config):
+    """The session's cache folder goes when the session ends (it was made by pytest_configure, nothing else)."""
+    made = getattr(config, "_cmg_test_cache", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
