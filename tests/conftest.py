@@ -13,9 +13,9 @@ UCM_ROOT = REPO.parent / "shared" / "data" / "ucm_captions"
 def pytest_configure(config):
     os.environ["HF_HUB_OFFLINE"] = "1"  # every test must work with the hub unreachable
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    # dcor and umap compile their numba kernels on import: ~70 s in a fresh venv on a 2-core CPU, a tenth of
-    # the suite.  Tests run the same kernels as plain Python (what they compute does not change; our code has no
-    # numba of its own); users and bench/ run them compiled.  CMG_TEST_NUMBA_JIT=1 tests them compiled.
+    # umap compiles its numba kernels on first import: ~26 s in a fresh venv on a 2-core CPU.  Tests run them as
+    # plain Python (what they compute does not change; our code has no numba of its own); users and bench/ run
+    # them compiled.  CMG_TEST_NUMBA_JIT=1 tests them compiled.
     if os.environ.get("CMG_TEST_NUMBA_JIT") != "1":
         os.environ["NUMBA_DISABLE_JIT"] = "1"
     if "CMG_TEST_KEEP_CACHE" not in os.environ:

@@ -85,12 +85,29 @@ def ssd_scores(
     return scores
 
 
-def distance_correlation(x: np.ndarray, y: np.ndarray) -> float:
-    """Szekely's (biased) distance correlation of ``x (N, P)`` and ``y (N, Q)`` from double-centred Euclidean
-    distance matrices: dCov^2(x, y) / sqrt(dVar^2(x) dVar^2(y)), then the square root."""
-    def centred(z):
-        d = np.sqrt(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1))
-        return d - d.mean(0, keepdims=True) - d.mean(1, keepdims=True) + d.mean()
+def distance_correlation(x: np.ndarray, y: np.ndarray, unbiased: bool = False) -> float:
+    """Distance correlation of ``x (N, P)`` and ``y (N, Q)`` written out from its definitions, pair by pair:
+    biased dCor (Szekely, Rizzo & Bakirov 2007, double-centred distances, the square root of the ratio), or with
+    ``unbiased`` the bias-corrected squared dCor (Szekely & Rizzo 2014, U-centred distances, not square-rooted)."""
+    n = len(x)
 
-    a, b = centred(np.asarray(x, float)), centred(np.asarray(y, float))
-    return float(np.sqrt((a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean())))
+    def dist(z):
+        return [[float(np.linalg.norm(np.asarray(z[i], float) - np.asarray(z[j], float))) for j in range(n)]
+                for i in range(n)]
+
+    def centred(d):
+        row = [sum(d[i]) for i in range(n)]
+        col = [sum(d[i][j] for i in range(n)) for j in range(n)]
+        tot = sum(row)
+        if not unbiased:
+            return [[d[i][j] - row[i] / n - col[j] / n + tot / n ** 2 for j in range(n)] for i in range(n)]
+        return [[0.0 if i == j else d[i][j] - row[i] / (n - 2) - col[j] / (n - 2) + tot / ((n - 1) * (n - 2))
+                 for j in range(n)] for i in range(n)]
+
+    def dcov(a, b):
+        s = sum(a[i][j] * b[i][j] for i in range(n) for j in range(n))
+        return s / (n * (n - 3)) if unbiased else s / n ** 2
+
+    a, b = centred(dist(x)), centred(dist(y))
+    r = dcov(a, b) / np.sqrt(dcov(a, a) * dcov(b, b))
+    return float(r if unbiased else np.sqrt(r))

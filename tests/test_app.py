@@ -110,12 +110,17 @@ def test_dcor_matrix_values():
     np.testing.assert_allclose(np.diag(m), 1.0)
     np.testing.assert_allclose(m.to_numpy(), m.to_numpy().T)
     assert m.loc["a", "2a"] == pytest.approx(1.0)
-    assert m.loc["a", "noise"] == pytest.approx(distance_correlation(a, arrays["noise"]))
+    assert m.loc["a", "noise"] == pytest.approx(distance_correlation(a, arrays["noise"]), rel=1e-10)
+    u = dcor_matrix(arrays, bias_corrected=True)
+    assert u.loc["a", "noise"] == pytest.approx(distance_correlation(a, arrays["noise"], unbiased=True), rel=1e-10)
+    assert u.loc["a", "2a"] == pytest.approx(1.0)
     hi = {"x": rng.uniform(size=(20, 4000)), "noise": rng.normal(size=(20, 4000))}
     assert dcor_matrix(hi).loc["x", "noise"] > 0.9  # plain dCor saturates in high dimension
     assert abs(dcor_matrix(hi, bias_corrected=True).loc["x", "noise"]) < 0.1
     with pytest.raises(DataError, match="same number of samples"):
         dcor_matrix({"a": a, "b": a[:10]})
+    with pytest.raises(DataError, match="at least 4 samples"):
+        dcor_matrix({"a": a[:3], "b": a[:3]}, bias_corrected=True)
 
 
 # --- the fake run itself ----------------------------------------------------------------------------------
