@@ -7,6 +7,7 @@ Embeddings are mean-pooled over tokens and L2-normalised.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sqlite3
@@ -82,6 +83,28 @@ class EmbeddingCache:
             con.executemany(f"INSERT OR REPLACE INTO {self.table} (key, vec) VALUES (?, ?)", rows)
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded_text_model(model_name: str, device: str):
+    """(tokenizer, frozen model in eval mode on `device`), loaded once per process: a training run's captions and
+    its language explainer's vocabulary share one load."""
+    from transformers import AutoModel, AutoTokenizer
+
+    where, local_only = resolve_text_model(model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
+        model = AutoModel.from_pretrained(where, local_files_only=local_only)
+    except OSError as exc:
+        raise ConfigError(
+            f"could not load text model {model_name!r} from {where!r}"
+            f"{' (offline: local files only)' if local_only else ''}: {exc}. Expected a transformers model "
+            f"folder, a reachable hub id, or the default {DEFAULT_TEXT_MODEL!r}."
+        ) from exc
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return tokenizer, model
+
+
 class TextEncoder:
     """Frozen text encoder: `encode(list of str) -> (N, D) float32`, L2-normalised.
 
@@ -104,23 +127,8 @@ class TextEncoder:
         self._tokenizer = None
 
     def _load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModel, AutoTokenizer
-
-        where, local_only = resolve_text_model(self.model_name)
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
-            self._model = AutoModel.from_pretrained(where, local_files_only=local_only)
-        except OSError as exc:
-            raise ConfigError(
-                f"could not load text model {self.model_name!r} from {where!r}"
-                f"{' (offline: local files only)' if local_only else ''}: {exc}. Expected a transformers model "
-                f"folder, a reachable hub id, or the default {DEFAULT_TEXT_MODEL!r}."
-            ) from exc
-        self._model.eval().to(self.device)
-        for p in self._model.parameters():
-            p.requires_grad_(False)
+        if self._model is None:
+            self._tokenizer, self._model = _loaded_text_model(self.model_name, str(self.device))
 
     @property
     def dim(self) -> int:
