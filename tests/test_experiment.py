@@ -25,7 +25,13 @@ def test_summary_uses_t_interval():
     assert "93.00 ±" in markdown_table(summarize(per_task))
 
 
-def test_tiny_experiment_resumes_and_writes_analyses(tmp_path):
+def test_tiny_experiment_resumes_and_writes_analyses(tmp_path, monkeypatch):
+    import cmg_core.figures as figures
+
+    real_embed = figures.embed_2d
+    # UMAP itself is checked by test_app.py::test_embed_2d_shapes_and_errors; here (where numba is off, conftest)
+    # its 500 layout epochs in plain Python would be half of this test, so its maps are t-SNE's
+    monkeypatch.setattr(figures, "embed_2d", lambda X, method="tsne", seed=0: real_embed(X, "tsne", seed))
     cfg = load_config("configs/synthetic.yaml", [f"experiment.out_dir={tmp_path}", "name=exp", *TINY])
     logs = []
     exp = run_experiment(cfg, log=logs.append)
