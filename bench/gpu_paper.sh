@@ -9,12 +9,16 @@
 # (images, caption embeddings and frozen-trunk features: the GPU machine needs no model weights or text model),
 # and <folder of PACKED>/text_cache from bench/gpu_text_cache.py (BLISS's prompts and dictionary, embedded here;
 # used as CMG_CACHE_DIR when present). `make gpu-pack` makes both.
-# Writes OUTDIR/env.txt, OUTDIR/checks.log, OUTDIR/results.md|csv, OUTDIR/logs/, OUTDIR/runs/ and
+# Writes OUTDIR/env.txt, OUTDIR/checks.log, OUTDIR/results.md|csv, OUTDIR/logs/, OUTDIR/runs/ (--audit: audit/) and
 # OUTDIR/runs_slim.tgz (logs, metrics, scores and histories of the runs, without models: a few MB).
 # Device call as made on an H200 on 2026-11-27 (ResNet-18, every method, 5 tasks: 242 s of protocol, about
 # 6 minutes with the start; the device tool returns at most 8 files, so the folders are dropped there):
 #   run(command="bash bench/gpu_paper.sh $OUT packed/ucm_captions_32.npz --backbones resnet18 --budget-s 330;
 #       rm -rf $OUT/runs $OUT/logs $OUT/checks", carry=["packed"], timeout_s=540)
+# The audit of the released protocol on the same tasks (`cmg audit`, departure by departure; scoring-only
+# departures first, then the retraining ones; results.md holds the tables of each stage that finished):
+#   run(command="bash bench/gpu_paper.sh $OUT packed/ucm_captions_32.npz --audit --backbones resnet18
+#       --budget-s 400; rm -rf $OUT/audit $OUT/logs $OUT/checks", carry=["packed"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_paper.sh OUTDIR [PACKED] [options]}
@@ -41,7 +45,7 @@ timeout 120 "$PY" bench/gpu_checks.py --packed "$PACKED" --device "$DEVICE" --ou
 # (b)-(d) the 5-task protocol, every method, both readings; stops cleanly at the budget
 "$PY" bench/gpu_paper.py --packed "$PACKED" --out "$OUT" "$@"
 status=$?
-# the runs without their models, small enough to bring back from a lent machine
-( cd "$OUT" && [ -d runs ] && tar czf runs_slim.tgz --exclude=checkpoints --exclude=models --exclude=embeddings \
-    --exclude='*.npz' --exclude='*.pt' runs logs )
+# the runs (or the audit's) without their models, small enough to bring back from a lent machine
+( cd "$OUT" && folders=$(ls -d runs audit 2>/dev/null || true) && [ -n "$folders" ] && tar czf runs_slim.tgz \
+    --exclude=checkpoints --exclude=models --exclude=embeddings --exclude='*.npz' --exclude='*.pt' $folders logs )
 exit $status

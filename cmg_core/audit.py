@@ -121,8 +121,9 @@ def _train(cfg: RunConfig, scorings: tuple, log, progress, copy_from: Path | Non
 def audit_task(cfg: RunConfig, exp_dir: Path, seed: int, rows: list[Row], progress=None, log=print) -> dict:
     """Train (or reuse) a task's honest run and its retrained variants: {(variant, method): run folder}."""
     base = task_config(cfg, exp_dir, seed)
-    base = dataclasses.replace(base, train=dataclasses.replace(base.train, methods=AUDIT_METHODS),
-                               detector=dataclasses.replace(base.detector, scorers=("mahalanobis",)))
+    # every row reads the per-epoch history (the honest row's curve, `best_epoch`), whatever the config says
+    train = dataclasses.replace(base.train, methods=AUDIT_METHODS, eval_every_epoch=True)
+    base = dataclasses.replace(base, train=train, detector=dataclasses.replace(base.detector, scorers=("mahalanobis",)))
     scorings = tuple(dict.fromkeys(r.scoring for r in rows if r.scoring != Scoring()))
     honest = _train(base, scorings, log, progress)
     runs = {((), m): honest for m in AUDIT_METHODS}

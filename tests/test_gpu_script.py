@@ -109,3 +109,26 @@ def test_a_run_past_its_deadline_starts_no_method(tiny_pack, tmp_path, monkeypat
     monkeypatch.delenv("CMG_DEADLINE")
     run = Run.open(train_run(cfg))
     assert run.status == "done" and set(run.metrics()) == {"ssd", "cmg[supcon]", "ssd@knn", "cmg[supcon]@knn"}
+
+
+def test_gpu_script_audit_in_two_stages(tiny_pack, tmp_path):
+    """--audit: one `cmg audit` process per task, the scoring-only departures first, then the retraining ones on
+    the tasks that finished (reusing their honest runs); after each stage the tables are merged in-process."""
+    out = tmp_path / "audit"
+    proc = subprocess.run([sys.executable, "bench/gpu_paper.py", "--packed", str(tiny_pack), "--out", str(out),
+                           "--smoke", "--audit", "--departures", "best_epoch", "supcon_batch", "--seeds", "0", "1",
+                           "--backbones", "cnn", "--budget-s", "240", "--min-left-s", "0", "--parallel", "2",
+                           "--threads", "1"],
+                          cwd=REPO, env=dict(os.environ, CMG_CACHE_DIR=str(tmp_path / "cache")),
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    per_task = pd.read_csv(out / "results.csv")
+    assert set(per_task.departures) == {"best_epoch", "best_epoch supcon_batch"} and set(per_task.seed) == {0, 1}
+    stage2 = per_task[per_task.departures == "best_epoch supcon_batch"]
+    assert {"honest protocol", "best_epoch", "supcon_batch"} <= set(stage2.row)
+    assert set(stage2.method) == {"ssd", "ssd+er", "ssd+le[lle]", "ssd+le[supcon]", "cmg[lle]", "cmg[supcon]", "cmda"}
+    honest = per_task[per_task.row == "honest protocol"].set_index(["departures", "seed", "method"]).reported
+    assert (honest["best_epoch"] == honest["best_epoch supcon_batch"]).all()  # the same runs, reused
+    assert "finished earlier, reused" in (out / "logs" / "cnn_audit2_seed0.log").read_text()
+    md = (out / "results.md").read_text()
+    assert "## cnn: best_epoch supcon_batch" in md and "### Reported AUROC" in md and "Machine:" in md
