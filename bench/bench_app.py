@@ -65,8 +65,7 @@ def main() -> int:
                 t = time.perf_counter()
                 page.goto(f"{base}/{fx.PAGES[name]}", wait_until="domcontentloaded")
                 page.get_by_role("heading", name=TITLES[name]).first.wait_for(timeout=180_000)
-                settle(page, READY[name], timeout=180)
-                return time.perf_counter() - t
+                return settle(page, READY[name], timeout=180) - t
 
             print(f"first load of Overview (cold server)    {load('home'):6.2f} s")
             for name in fx.PAGES:
@@ -86,8 +85,7 @@ def main() -> int:
                 img.save(other)
                 t = time.perf_counter()
                 page.locator('input[type="file"]').set_input_files(str(other))
-                settle(page, "file(s) scored", timeout=300)
-                dt = time.perf_counter() - t
+                dt = settle(page, "file(s) scored", timeout=300) - t
                 label = "upload -> score (first, loads models)" if i == 0 else "upload -> score (warm)"
                 print(f"{label:39s} {dt:6.2f} s")
                 if shots and i == 0:

@@ -21,16 +21,21 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 t0=$(date +%s)
 
-"$PY" -m venv "$WORK/venv"
 V="$WORK/venv/bin"
 if [ "$MODE" != "--full" ]; then
+    # quick: the new venv gets no pip of its own (seeding one costs seconds); DEPS_FROM's pip installs into it
+    "$PY" -m venv --without-pip "$WORK/venv"
     DEPS_FROM="${DEPS_FROM:-$REPO/.venv}"
     deps="$(ls -d "$DEPS_FROM"/lib/python3*/site-packages | head -1)"
     site="$("$V/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$deps" > "$site/_cmg_check_deps.pth"  # a plain path: the .pth files inside it (editable installs) are not run
     echo "quick mode: dependencies seen from $deps"
+    PIP=("$DEPS_FROM/bin/python" -m pip --python "$V/python")
+else
+    "$PY" -m venv "$WORK/venv"
+    PIP=("$V/python" -m pip)
 fi
-"$V/python" -m pip install -q -c "$REPO/constraints.txt" "$REPO"
+"${PIP[@]}" install -q -c "$REPO/constraints.txt" "$REPO"
 echo "installed in $(( $(date +%s) - t0 )) s"
 
 cd "$WORK"

@@ -83,11 +83,12 @@ def save(page, dirs: list[Path], name: str) -> None:
     page.set_viewport_size(size)
 
 
-def settle(page, text: str, timeout: float = 60.0) -> None:
+def settle(page, text: str, timeout: float = 60.0) -> float:
     """Wait until `text` is on the page and the script run has finished (no running indicator, no stale
-    elements) for a short while."""
+    elements) for a short while; returns the time.perf_counter() at which it became quiet (what a reader sees
+    as ready; the confirmation window after it is not part of it)."""
     page.get_by_text(text, exact=False).first.wait_for(timeout=timeout * 1000)
-    end, quiet = time.time() + timeout, 0
+    end, quiet, since = time.time() + timeout, 0, 0.0
     while time.time() < end:
         busy = page.evaluate("""() => {
             const w = document.querySelector('[data-testid="stStatusWidget"]');
@@ -95,10 +96,11 @@ def settle(page, text: str, timeout: float = 60.0) -> None:
             const stale = document.querySelector('[data-stale="true"]');
             return Boolean(running || stale);
         }""")
-        quiet = 0 if busy else quiet + 1
-        if quiet >= 3:
-            return
-        time.sleep(0.25)
+        now = time.perf_counter()
+        quiet, since = (0, 0.0) if busy else (quiet + 1, since or now)
+        if quiet >= 4:
+            return since
+        time.sleep(0.12)
     raise TimeoutError(f"the page did not settle within {timeout}s")
 
 

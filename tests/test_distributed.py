@@ -43,57 +43,43 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     D.cleanup(info)
 
 
-GRAD_SCRIPT = textwrap.dedent("""
-    import sys, torch
+GRAD_CHECK = textwrap.dedent('''
+    import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
     from cmg_core import distributed as D
     from cmg_core.losses import nt_xent_loss
 
-    info = D.init_distributed()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(6, 4)
-    x1, x2 = torch.randn(8, 6), torch.randn(8, 6)
-    if info.world_size == 1:  # reference: the whole batch in one process
-        nt_xent_loss(model(x1), model(x2), 0.5).backward()
-    else:  # each rank holds 4 rows; loss over the gathered batch, scaled by world_size (train/end2end.py)
-        ddp = DDP(model)
-        rows = slice(4 * info.rank, 4 * info.rank + 4)
-        z1, z2 = ddp(torch.cat([x1[rows], x2[rows]])).split(4)
-        g1, _ = D.all_gather_rows(z1, keep_grad=True)
-        g2, _ = D.all_gather_rows(z2, keep_grad=True)
-        (nt_xent_loss(g1, g2, 0.5) * info.world_size).backward()
-        del ddp
-    if D.is_main():
-        torch.save(model.weight.grad, sys.argv[1])
-    D.cleanup(info)
-""")
 
+    def gathered_gradient(path):
+        """The gradient of a linear model under NT-Xent on a batch of 8 rows, saved to `path` by the main process:
+        in one process over the whole batch; under torchrun each rank holds 4 rows and the loss is over the
+        gathered batch, scaled by world_size (as train/end2end.py)."""
+        info = D.init_distributed()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = torch.nn.Linear(6, 4)
+            x1, x2 = torch.randn(8, 6), torch.randn(8, 6)
+        if info.world_size == 1:
+            nt_xent_loss(model(x1), model(x2), 0.5).backward()
+        else:
+            ddp = DDP(model)
+            rows = slice(4 * info.rank, 4 * info.rank + 4)
+            z1, z2 = ddp(torch.cat([x1[rows], x2[rows]])).split(4)
+            g1, _ = D.all_gather_rows(z1, keep_grad=True)
+            g2, _ = D.all_gather_rows(z2, keep_grad=True)
+            (nt_xent_loss(g1, g2, 0.5) * info.world_size).backward()
+            del ddp
+        if D.is_main():
+            torch.save(model.weight.grad, path)
+        D.cleanup(info)
+''')
 
-def test_gathered_contrastive_loss_gives_the_full_batch_gradient(tmp_path, monkeypatch):
-    import runpy
-
-    script = tmp_path / "grad.py"
-    script.write_text(GRAD_SCRIPT)
-    env = _env(tmp_path)
-    ref, ddp = tmp_path / "ref.pt", tmp_path / "ddp.pt"
-    # the reference (world size 1: the whole batch in one process) is the same script run in this process, which
-    # spares a second interpreter start; the global RNG is restored afterwards
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(sys, "argv", [str(script), str(ref)])
-    with torch.random.fork_rng():
-        runpy.run_path(str(script), run_name="__main__")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(script), str(ddp)], env=env, timeout=90, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = torch.load(ref), torch.load(ddp)
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
-
-
-RUN_SCRIPT = textwrap.dedent("""
+RUN_SCRIPT = GRAD_CHECK + textwrap.dedent("""
     import json, os, sys
     from cmg_core.config import load_config
     from cmg_core.train import train_run
 
+    gathered_gradient(sys.argv[2])  # one torchrun launch for both checks: every interpreter start costs seconds
     cfg = load_config("configs/synthetic_end2end.yaml", json.loads(sys.argv[1]))
     out = train_run(cfg)
     print(f"rank {os.environ['RANK']} finished {out}", flush=True)
@@ -107,9 +93,22 @@ def torchrun_run(tmp_path_factory):
     script.write_text(RUN_SCRIPT)
     overrides = [f"out_dir={tmp / 'runs'}", "name=ddp", *TINY]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(script), json.dumps(overrides)], env=_env(tmp), cwd=REPO, capture_output=True,
-                          text=True, timeout=170)
+                           str(script), json.dumps(overrides), str(tmp / "ddp_grad.pt")], env=_env(tmp), cwd=REPO,
+                          capture_output=True, text=True, timeout=170)
     return proc, tmp / "runs" / "ddp"
+
+
+def test_gathered_contrastive_loss_gives_the_full_batch_gradient(torchrun_run, tmp_path, monkeypatch):
+    """Two ranks, each with half of the batch, give the gradient of the whole batch in one process (the
+    reference, the same function run here)."""
+    proc, run_dir = torchrun_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    scope = {}
+    exec(GRAD_CHECK, scope)
+    scope["gathered_gradient"](tmp_path / "ref.pt")
+    a, b = torch.load(tmp_path / "ref.pt"), torch.load(run_dir.parents[1] / "ddp_grad.pt")
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
 
 
 def test_torchrun_trains_and_only_rank0_writes(torchrun_run):

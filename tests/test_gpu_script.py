@@ -76,14 +76,20 @@ def test_text_cache_spares_the_gpu_machine_the_text_model(tiny_pack, tmp_path, m
     assert enc.encode(texts).shape == (len(texts), 384) and enc._model is None  # every text from the cache
 
 
-def test_gpu_script_stops_at_its_budget(tiny_pack, tmp_path):
+def gpu_paper(argv: list[str]) -> int:
+    """bench/gpu_paper.py's driver, run in this process (its task processes are still processes of their own)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_paper import main
+
+    return main(argv)
+
+
+def test_gpu_script_stops_at_its_budget(tiny_pack, tmp_path, monkeypatch):
     """With no time left nothing starts: the driver still writes its (empty) tables and says so."""
     out = tmp_path / "late"
-    proc = subprocess.run([sys.executable, "bench/gpu_paper.py", "--packed", str(tiny_pack), "--out", str(out),
-                           "--smoke", "--budget-s", "0", "--seeds", "0", "--backbones", "cnn"],
-                          cwd=REPO, env=dict(os.environ, CMG_CACHE_DIR=str(tmp_path / "cache")),
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 1
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    assert gpu_paper(["--packed", str(tiny_pack), "--out", str(out), "--smoke", "--budget-s", "0", "--seeds", "0",
+                      "--backbones", "cnn"]) == 1
     assert "No method finished" in (out / "results.md").read_text()
     assert "cnn: not started" in (out / "driver.log").read_text()
 
@@ -111,17 +117,14 @@ def test_a_run_past_its_deadline_starts_no_method(tiny_pack, tmp_path, monkeypat
     assert run.status == "done" and set(run.metrics()) == {"ssd", "cmg[supcon]", "ssd@knn", "cmg[supcon]@knn"}
 
 
-def test_gpu_script_audit_in_two_stages(tiny_pack, tmp_path):
+def test_gpu_script_audit_in_two_stages(tiny_pack, tmp_path, monkeypatch):
     """--audit: one `cmg audit` process per task, the scoring-only departures first, then the retraining ones on
     the tasks that finished (reusing their honest runs); after each stage the tables are merged in-process."""
     out = tmp_path / "audit"
-    proc = subprocess.run([sys.executable, "bench/gpu_paper.py", "--packed", str(tiny_pack), "--out", str(out),
-                           "--smoke", "--audit", "--departures", "best_epoch", "supcon_batch", "--seeds", "0", "1",
-                           "--backbones", "cnn", "--budget-s", "240", "--min-left-s", "0", "--parallel", "2",
-                           "--threads", "1"],
-                          cwd=REPO, env=dict(os.environ, CMG_CACHE_DIR=str(tmp_path / "cache")),
-                          capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    monkeypatch.setenv("CMG_CACHE_DIR", str(tmp_path / "cache"))
+    assert gpu_paper(["--packed", str(tiny_pack), "--out", str(out), "--smoke", "--audit", "--departures",
+                      "best_epoch", "supcon_batch", "--seeds", "0", "1", "--backbones", "cnn", "--budget-s", "240",
+                      "--min-left-s", "0", "--parallel", "2", "--threads", "1"]) == 0, (out / "driver.log").read_text()
     per_task = pd.read_csv(out / "results.csv")
     assert set(per_task.departures) == {"best_epoch", "best_epoch supcon_batch"} and set(per_task.seed) == {0, 1}
     stage2 = per_task[per_task.departures == "best_epoch supcon_batch"]
