@@ -1,7 +1,5 @@
-"""Image helpers for display: masked variants (cmg_core.masks), region overlays, the upload report PNG.
-
-torch is imported only inside the functions that build masks (Masks, Distance correlation and Upload pages).
-"""
+"""Image helpers for display: masked variants and region overlays (the grid of cmg_core.regions, no torch), the
+upload report PNG."""
 from __future__ import annotations
 
 import io
@@ -10,18 +8,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cmg_core.regions import grid_regions, masked_pictures
+
 
 def masked_variants(arr: np.ndarray, n_regions: int, mode: str = "hard", soft_value: float = 0.1) -> list[np.ndarray]:
-    """(H, W, 3) uint8 -> the M masked variants (H, W, 3) uint8, region m hidden in variant m, computed with
-    `cmg_core.masks.grid_masks` + `apply_masks` exactly as training does."""
-    import torch
-
-    from cmg_core.masks import apply_masks, grid_masks
-
-    x = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
-    masks = grid_masks(x.shape[-2], x.shape[-1], n_regions, mode=mode, soft_value=soft_value)
-    out = apply_masks(x, masks)[0]  # (M, 3, H, W)
-    return [(v.permute(1, 2, 0).clamp(0, 1).mul(255).round().byte().numpy()) for v in out]
+    """(H, W, 3) uint8 -> the M masked variants (H, W, 3) uint8, region m hidden in variant m
+    (`cmg_core.regions.masked_pictures`: the masks training uses)."""
+    return list(masked_pictures(np.asarray(arr, dtype=np.uint8), n_regions, mode, soft_value))
 
 
 def masked_image(arr: np.ndarray, region: int, n_regions: int, mode: str = "hard", soft_value: float = 0.1) -> np.ndarray:
@@ -29,8 +22,6 @@ def masked_image(arr: np.ndarray, region: int, n_regions: int, mode: str = "hard
 
 
 def region_box(height: int, width: int, region: int, n_regions: int) -> tuple[int, int, int, int]:
-    from cmg_core.masks import grid_regions
-
     return grid_regions(height, width, n_regions)[int(region)]
 
 
@@ -39,8 +30,6 @@ def overlay_region(img: Image.Image | np.ndarray, region: int, n_regions: int, c
     """The image with grid region `region` tinted and outlined (the masked region), plus grid lines."""
     base = Image.fromarray(np.asarray(img, dtype=np.uint8)) if isinstance(img, np.ndarray) else img.convert("RGB")
     w, h = base.size
-    from cmg_core.masks import grid_regions
-
     regions = grid_regions(h, w, n_regions)
     over = Image.new("RGBA", base.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(over)

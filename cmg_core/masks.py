@@ -1,69 +1,26 @@
-"""Region masks for CMER (cross-modal entropy reduction) and RID (region identification).
+"""Region masks for CMER (cross-modal entropy reduction) and RID (region identification), as tensors.
 
-An image is cut into an n x n grid (M = n^2 regions, row-major); masked variant m hides region m.
-Pure functions; tensors in/out except :func:`grid_regions`.
+An image is cut into an n x n grid (M = n^2 regions, row-major; the geometry is `cmg_core.regions`); masked
+variant m hides region m. Pure functions, tensors in/out.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .errors import ConfigError
+from .regions import mask_arrays
 
-__all__ = ["grid_regions", "grid_masks", "apply_masks", "select_masked", "cmer_labels"]
-
-MASK_MODES = ("hard", "soft")
-
-
-def _grid_side(n_regions: int) -> int:
-    if isinstance(n_regions, bool) or not isinstance(n_regions, (int, np.integer)):
-        raise ConfigError(f"the number of regions M={n_regions!r} must be an int square number (expected 4, 9, 16, ...)")
-    n = math.isqrt(int(n_regions)) if n_regions >= 0 else -1
-    if n_regions < 1 or n * n != n_regions:
-        raise ConfigError(f"the number of regions M={n_regions} is not a square number (expected 4, 9, 16, ...)")
-    return n
-
-
-def _edges(size: int, n: int) -> list[int]:
-    return [int(v) for v in np.rint(np.linspace(0, size, n + 1))]
-
-
-def grid_regions(height: int, width: int, n_regions: int) -> list[tuple[int, int, int, int]]:
-    """The M = n x n grid cells of an ``height x width`` image as ``(y0, y1, x0, x1)`` half-open boxes,
-    row-major (region m is row ``m // n``, column ``m % n``).
-
-    Edges are ``round(linspace(0, size, n + 1))`` (numpy rounding, half to even), so the cells tile the
-    image exactly even when the size is not divisible by n (e.g. 7 px in 2 cells: 0-4, 4-7).
-    Raises ConfigError if M is not a square >= 1 or the image is smaller than the grid.
-    """
-    n = _grid_side(n_regions)
-    if height < n or width < n:
-        raise ConfigError(f"image of {height}x{width} px is too small for a {n}x{n} grid (M={n_regions})")
-    ys, xs = _edges(height, n), _edges(width, n)
-    return [(ys[r], ys[r + 1], xs[c], xs[c + 1]) for r in range(n) for c in range(n)]
+__all__ = ["grid_masks", "apply_masks", "select_masked", "cmer_labels"]
 
 
 def grid_masks(
     height: int, width: int, n_regions: int, mode: str = "hard", soft_value: float = 0.1
 ) -> torch.Tensor:
     """``(M, 1, H, W)`` float32 masks; mask m is 1 everywhere except region m, where it is 0 (``hard``)
-    or ``soft_value`` (``soft``: the region's pixels are multiplied by a small constant).
-
-    ``soft_value`` must lie in [0, 1) (only checked for ``soft``).
-    """
-    if mode not in MASK_MODES:
-        raise ConfigError(f"mask mode={mode!r} is unknown (expected one of {MASK_MODES})")
-    if mode == "soft" and not 0.0 <= float(soft_value) < 1.0:
-        raise ConfigError(f"soft_value={soft_value} must lie in [0, 1)")
-    value = 0.0 if mode == "hard" else float(soft_value)
-    regions = grid_regions(height, width, n_regions)
-    masks = torch.ones(len(regions), 1, height, width, dtype=torch.float32)
-    for m, (y0, y1, x0, x1) in enumerate(regions):
-        masks[m, :, y0:y1, x0:x1] = value
-    return masks
+    or ``soft_value`` (``soft``) — `regions.mask_arrays` as a tensor."""
+    return torch.from_numpy(mask_arrays(height, width, n_regions, mode, soft_value)).unsqueeze(1)
 
 
 def apply_masks(

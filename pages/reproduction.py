@@ -7,7 +7,7 @@ import streamlit as st
 from app import state
 from app.components import guard
 from app.imaging import overlay_region
-from cmg_core.audit import FIG10_METHODS, audit_summary, audit_table, fig10_figure, read_audit
+from cmg_core.audit_report import FIG10_METHODS, audit_summary, audit_table, fig10_figure, read_audit
 
 
 def audit_section(folder) -> None:

@@ -8,7 +8,7 @@ import streamlit as st
 from app import state, training
 from app.components import guard
 from cmg_core.errors import CMGError
-from cmg_core.methods import REGISTRY
+from cmg_core.methods import REGISTRY, method_label
 
 WATCH_KEY = "train_seen_states"
 
@@ -70,8 +70,6 @@ def config_form() -> None:
             normal = [c.strip() for c in raw.split(",") if c.strip()]
         n_normal = t2.number_input("…or draw this many", 0, 50, 0, key="tr_n_normal",
                                    help="used when no normal class is given")
-        from cmg_core.train import method_label
-
         defaults = [method_label(m, cfg.cmle.loss) for m in cfg.train.methods]
         methods = st.multiselect("Methods (CMLE readings: [lle] the paper's Eq.9-13, [supcon] the released code)",
                                  list(training.METHOD_CHOICES), default=[m for m in defaults

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmg_core.audit import AUDIT_METHODS, audit_rows, run_audit, variant
+from cmg_core.audit import audit_rows, run_audit, variant
+from cmg_core.audit_report import AUDIT_METHODS
 from cmg_core.config import load_config
 from cmg_core.errors import ConfigError
 from cmg_core.protocol import Scoring

@@ -13,7 +13,7 @@ from sklearn.cluster import KMeans
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.manifold._locally_linear import barycenter_weights
 
-from cmg_core import cmle, losses, masks, metrics, scoring
+from cmg_core import cmle, losses, masks, metrics, regions, scoring
 from cmg_core.errors import ConfigError, DataError
 from tests import reference
 
@@ -171,7 +171,7 @@ def test_grid_masks_m4_6x6():
 
 def test_grid_masks_m9_7x7_exact():
     # linspace(0, 7, 4) = 0, 2.33, 4.67, 7 -> edges 0, 2, 5, 7 (cells of 2, 3, 2 px)
-    assert masks.grid_regions(7, 7, 9)[4] == (2, 5, 2, 5)
+    assert regions.grid_regions(7, 7, 9)[4] == (2, 5, 2, 5)
     center = np.array(
         [
             [1, 1, 1, 1, 1, 1, 1],
@@ -191,9 +191,19 @@ def test_grid_masks_m9_7x7_exact():
     assert np.array_equal(mk.sum(0)[0].numpy(), np.full((7, 7), 8.0))  # regions tile the image exactly
 
 
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_masked_pictures_are_apply_masks_in_numpy(mode):
+    """The app's pictures (regions.masked_pictures, no torch) are training's apply_masks(image, grid_masks)."""
+    img = np.random.default_rng(1).integers(0, 256, size=(9, 7, 3), dtype=np.uint8)
+    pics = regions.masked_pictures(img, 9, mode, 0.2)
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    ref = masks.apply_masks(x, masks.grid_masks(9, 7, 9, mode, 0.2))[0].permute(0, 2, 3, 1).mul(255).round().byte()
+    assert pics.shape == (9, 9, 7, 3) and pics.dtype == np.uint8 and np.array_equal(pics, ref.numpy())
+
+
 def test_grid_regions_errors():
     with pytest.raises(ConfigError, match=r"M=8 is not a square number"):
-        masks.grid_regions(8, 8, 8)
+        regions.grid_regions(8, 8, 8)
     with pytest.raises(ConfigError, match="not a square"):
         masks.grid_masks(8, 8, 0)
     with pytest.raises(ConfigError):
