@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_app.py                 # the demo run (assets/demo_run), real Predictor
     .venv/bin/python bench/bench_app.py --fake          # a small fake run and the fake Predictor
     .venv/bin/python bench/bench_app.py --shots /tmp/s  # also save a screenshot of each page
+    .venv/bin/python bench/bench_app.py --runs DIR      # the runs of a folder (e.g. a UCM run), real Predictor
 
 Starts `streamlit run app/main.py` on a free port, drives headless chromium (/usr/bin/chromium, installed with
 apt when missing) through every page, and prints one line per measurement.  "populated" = the page's content
@@ -31,6 +32,7 @@ def main() -> int:
     ap.add_argument("--fake", action="store_true", help="use a fake run + fake Predictor instead of the demo run")
     ap.add_argument("--repeat", type=int, default=3, help="warm loads per page")
     ap.add_argument("--shots", default=None, help="folder for screenshots")
+    ap.add_argument("--runs", default=None, help="a runs folder to serve instead of the demo run (real Predictor)")
     args = ap.parse_args()
 
     why = fx.ensure_chromium()
@@ -40,21 +42,26 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     tmp = Path(tempfile.mkdtemp(prefix="cmg-bench-"))
-    use_demo = not args.fake and (DEMO / "run.json").is_file()
-    if use_demo:
+    use_demo = not args.fake and not args.runs and (DEMO / "run.json").is_file()
+    if args.runs:
+        runs = Path(args.runs)
+    elif use_demo:
         runs = tmp / "no_runs"  # only the demo run is listed
         runs.mkdir()
     else:
         runs = fx.make_runs_dir(tmp / "runs")
     port = fx.free_port()
     t0 = time.time()
-    proc = fx.start_server(runs, port, tmp / "server.log", fake_predictor=not use_demo)
+    real = use_demo or bool(args.runs)
+    proc = fx.start_server(runs, port, tmp / "server.log", fake_predictor=not real)
     shots = Path(args.shots) if args.shots else None
     if shots:
         shots.mkdir(parents=True, exist_ok=True)
     try:
         fx.wait_ready(port, proc, timeout=120)
-        print(f"run: {'demo run (real Predictor)' if use_demo else 'fake run (fake Predictor)'}")
+        what = f"runs of {runs} (real Predictor)" if args.runs else (
+            "demo run (real Predictor)" if use_demo else "fake run (fake Predictor)")
+        print(f"run: {what}")
         print(f"server ready (health check)            {time.time() - t0:6.2f} s")
         base = f"http://127.0.0.1:{port}"
         with sync_playwright() as p:

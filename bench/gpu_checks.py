@@ -85,8 +85,8 @@ def check_end2end_e1_and_predictor(packed: str, out: Path, device: str, extra: l
     from cmg_core.data import load_dataset
     from cmg_core.predict import Predictor
 
-    run = _train(packed, out, "e2e_e1", device, ["e1.encoder=end2end", "model.trunk_image_size=null",
-                                                  "train.methods=[ssd+er, cmg[lle]]", *extra])
+    run = _train(packed, out, "e2e_e1", device, ["e1.encoder=end2end", "model.trunk_image_size=null", *extra,
+                                                  "train.methods=[ssd+er, cmg[lle]]"])  # the methods it checks
     assert run.status == "done", run.info.get("error")
     pred = Predictor.load(run.path, device=device)
     ds = load_dataset("packed", packed)

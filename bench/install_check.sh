@@ -11,8 +11,8 @@
 # `cmg predict` on two of its images.
 # Quick mode lets the new venv see the dependencies already installed in DEPS_FROM (default: this repo's .venv)
 # through a .pth file, so pip resolves the declared dependencies against the constraints (a conflict fails) but
-# downloads nothing; the package itself is built and installed into the new venv. --full installs every
-# dependency too.
+# downloads nothing; the package itself is built (with the setuptools seen there, no isolated build environment)
+# and installed into the new venv by DEPS_FROM's pip. --full installs every dependency too, with pip's isolation.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 MODE="${1:-quick}"
@@ -30,12 +30,15 @@ if [ "$MODE" != "--full" ]; then
     site="$("$V/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$deps" > "$site/_cmg_check_deps.pth"  # a plain path: the .pth files inside it (editable installs) are not run
     echo "quick mode: dependencies seen from $deps"
+    # and builds the wheel with the setuptools seen there (--full builds in pip's isolated build environment)
     PIP=("$DEPS_FROM/bin/python" -m pip --python "$V/python")
+    BUILD=(--no-build-isolation)
 else
     "$PY" -m venv "$WORK/venv"
     PIP=("$V/python" -m pip)
+    BUILD=()
 fi
-"${PIP[@]}" install -q -c "$REPO/constraints.txt" "$REPO"
+"${PIP[@]}" install -q "${BUILD[@]}" -c "$REPO/constraints.txt" "$REPO"
 echo "installed in $(( $(date +%s) - t0 )) s"
 
 cd "$WORK"
