@@ -25,7 +25,7 @@ test: $(STAMP)
 ADDRESS ?= 127.0.0.1
 
 app: $(STAMP)
-	$(BIN)/python -m streamlit run app/main.py --server.address $(ADDRESS)
+	$(BIN)/python -m app --server.address $(ADDRESS)
 
 # Rebuild the demo run shipped in assets/ (synthetic data, frozen profile).
 demo: $(STAMP)

@@ -1,1 +1,2 @@
-"""The CMG analysis app (Streamlit). Entry point: `streamlit run app/main.py` from the repository root."""
+"""The CMG analysis app (Streamlit). Entry point: `python -m app` (or `streamlit run app/main.py`) from the
+repository root."""

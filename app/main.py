@@ -1,4 +1,4 @@
-"""CMG analysis app: `streamlit run app/main.py` from the repository root.
+"""CMG analysis app: `python -m app` (`make app`; or `streamlit run app/main.py`) from the repository root.
 
 The frame: the run picker and run summary in the sidebar, and the page navigation (pages/ holds one file
 per page).  Runs are found under `runs/` ($CMG_RUNS_DIR overrides) plus the demo run `assets/demo_run`.

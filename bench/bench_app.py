@@ -5,9 +5,9 @@
     .venv/bin/python bench/bench_app.py --shots /tmp/s  # also save a screenshot of each page
     .venv/bin/python bench/bench_app.py --runs DIR      # the runs of a folder (e.g. a UCM run), real Predictor
 
-Starts `streamlit run app/main.py` on a free port, drives headless chromium (/usr/bin/chromium, installed with
-apt when missing) through every page, and prints one line per measurement.  "populated" = the page's content
-marker is visible and the script run has finished (no running indicator, no stale elements).
+Starts the app (`python -m app`, as `make app`) on a free port, drives headless chromium (/usr/bin/chromium,
+installed with apt when missing) through every page, and prints one line per measurement.  "populated" = the
+page's content marker is visible and the script run has finished (no running indicator, no stale elements).
 """
 from __future__ import annotations
 

@@ -312,14 +312,14 @@ def free_port() -> int:
 
 def start_server(runs_dir: str | Path, port: int, log_path: str | Path, fake_predictor: bool = True,
                  extra_env: dict | None = None):
-    """`streamlit run app/main.py` on 127.0.0.1:port (own process group; with `fake_predictor`, through
-    tests/fake_server.py); returns the Popen."""
+    """The app (`python -m app`, what `make app` runs) on 127.0.0.1:port (own process group; with
+    `fake_predictor`, through tests/fake_server.py); returns the Popen."""
     import os
     import subprocess
 
     env = dict(os.environ, CMG_RUNS_DIR=str(runs_dir), PYTHONPATH=str(REPO))
     env.update(extra_env or {})
-    serve = ["-m", "tests.fake_server"] if fake_predictor else ["-m", "streamlit", "run", "app/main.py"]
+    serve = ["-m", "tests.fake_server"] if fake_predictor else ["-m", "app"]  # `make app`'s command
     cmd = [sys.executable, *serve, "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]

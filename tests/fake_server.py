@@ -16,13 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str]) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from streamlit.web import cli
-
     from app import state
+    from app.__main__ import main as serve
     from tests.app_fixtures import FakePredictor
 
     state.load_predictor = FakePredictor.load
-    return cli.main(["run", str(REPO / "app" / "main.py"), *argv], prog_name="streamlit")
+    return serve(argv)
 
 
 if __name__ == "__main__":

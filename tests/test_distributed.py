@@ -79,10 +79,14 @@ RUN_SCRIPT = GRAD_CHECK + textwrap.dedent("""
     from cmg_core.config import load_config
     from cmg_core.train import train_run
 
-    gathered_gradient(sys.argv[2])  # one torchrun launch for both checks: every interpreter start costs seconds
+    # one torchrun launch for both checks (every interpreter start costs seconds), in one process group that both
+    # join (init_distributed returns the existing group; a group destroyed and created again can hang)
+    group = D.init_distributed()
+    gathered_gradient(sys.argv[2])
     cfg = load_config("configs/synthetic_end2end.yaml", json.loads(sys.argv[1]))
     out = train_run(cfg)
     print(f"rank {os.environ['RANK']} finished {out}", flush=True)
+    D.cleanup(group)
 """)
 
 
