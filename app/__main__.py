@@ -4,7 +4,6 @@ does not also pay for importing pandas, plotly and the run readers (about 2.5 s 
 imports torch; the pages that score or train import it when they do."""
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from pathlib import Path
@@ -12,15 +11,25 @@ from pathlib import Path
 from streamlit.web import cli
 
 MAIN = Path(__file__).resolve().parent / "main.py"
-PRELOAD = ("app.components", "app.imaging", "app.latent_maps", "app.plots", "app.state", "app.tables",
-           "app.training", "app.uploads", "cmg_core.audit_report")
+
+
+def preload() -> None:
+    """Import what the pages import (once per server process; streamlit runs the pages in this process)."""
+    # before the server runs, each st.cache_data decorator would log that it has no runtime yet (it needs none)
+    logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.ERROR)
+    import app.components  # noqa: F401
+    import app.imaging  # noqa: F401
+    import app.latent_maps  # noqa: F401
+    import app.plots  # noqa: F401
+    import app.state  # noqa: F401
+    import app.tables  # noqa: F401
+    import app.training  # noqa: F401
+    import app.uploads  # noqa: F401
+    import cmg_core.audit_report  # noqa: F401
 
 
 def main(argv: list[str]) -> int:
-    # before the server runs, each st.cache_data decorator would log that it has no runtime yet (it needs none)
-    logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.ERROR)
-    for name in PRELOAD:
-        importlib.import_module(name)
+    preload()
     return cli.main(["run", str(MAIN), *argv], prog_name="streamlit")
 
 
