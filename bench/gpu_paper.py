@@ -156,7 +156,10 @@ def merge_audit(args, backbone: str, out: Path, seeds, departures, log) -> dict 
         log(f"{backbone}: the audit tables of seeds {seeds} could not be written: {exc}")
         return None
     finally:
-        os.environ.pop("CMG_DEADLINE") if old is None else os.environ.update(CMG_DEADLINE=old)
+        if old is None:
+            del os.environ["CMG_DEADLINE"]
+        else:
+            os.environ["CMG_DEADLINE"] = old
     per_task = pd.read_csv(exp_dir / "audit.csv").assign(backbone=backbone, departures=" ".join(departures))
     return {"backbone": backbone, "departures": departures, "md": (exp_dir / "audit.md").read_text(),
             "per_task": per_task}
